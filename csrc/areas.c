@@ -1,0 +1,502 @@
+/*
+ * Syscalls, chunks and areas: everything in prmem that talks to the kernel's
+ * memory management.  See prmem.h for the layout and the locking rule.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "prmem.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS 1033
+#define F_SEAL_SEAL 0x0001
+#define F_SEAL_SHRINK 0x0002
+#define F_SEAL_GROW 0x0004
+#define F_SEAL_WRITE 0x0008
+#endif
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+#ifndef MAP_NORESERVE
+#define MAP_NORESERVE 0
+#endif
+/* Syscall numbers for calls glibc may not wrap yet (x86_64 / generic). */
+#if !defined(SYS_memfd_create) && defined(__NR_memfd_create)
+#define SYS_memfd_create __NR_memfd_create
+#endif
+#ifndef SYS_mseal
+#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
+#define SYS_mseal 462
+#endif
+#endif
+#ifndef SYS_memfd_secret
+#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
+#define SYS_memfd_secret 447
+#endif
+#endif
+#if !defined(SYS_pkey_alloc) && defined(__x86_64__)
+#define SYS_pkey_alloc 330
+#define SYS_pkey_free 331
+#endif
+
+PRMEM_INTERNAL size_t prmem_page_size;
+PRMEM_INTERNAL int prmem_page_shift;
+PRMEM_INTERNAL unsigned prmem_features;
+
+/* Largest reservation prmem makes for one chunk when it picks the size
+ * itself; a single larger request still gets a chunk of its own size. */
+#define PRMEM_MAX_CHUNK_SIZE ((size_t)1 << 30)
+
+PRMEM_INTERNAL int
+prmem_set_oserror(const char *syscall_name, int err)
+{
+    /* OSError(errno, "syscall: strerror") picks the matching subclass
+     * (PermissionError for EACCES/EPERM, ...). */
+    PyObject *msg = PyUnicode_FromFormat("%s: %s", syscall_name, strerror(err));
+    if (msg == NULL)
+        return -1;
+    PyObject *args = Py_BuildValue("(iN)", err, msg);
+    if (args == NULL)
+        return -1;
+    PyErr_SetObject(PyExc_OSError, args);
+    Py_DECREF(args);
+    return -1;
+}
+
+static int
+sys_memfd_create(const char *name, unsigned flags)
+{
+#ifdef SYS_memfd_create
+    return (int)syscall(SYS_memfd_create, name, flags);
+#else
+    (void)name; (void)flags;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+static int
+sys_mseal(void *addr, size_t len)
+{
+#ifdef SYS_mseal
+    return (int)syscall(SYS_mseal, addr, len, 0UL);
+#else
+    (void)addr; (void)len;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+PRMEM_INTERNAL unsigned
+prmem_probe_features(void)
+{
+    unsigned f = 0;
+    int fd = sys_memfd_create("prmem:probe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd >= 0) {
+        f |= PRMEM_FEAT_MEMFD;
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) == 0)
+            f |= PRMEM_FEAT_SEAL_FUTURE_WRITE;
+        close(fd);
+    }
+    /* mseal(addr, 0, 0) on a page-aligned address is a no-op that returns 0
+     * where the syscall exists, so probing seals nothing. */
+    void *page = mmap(NULL, prmem_page_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page != MAP_FAILED) {
+        if (sys_mseal(page, 0) == 0)
+            f |= PRMEM_FEAT_MSEAL;
+        munmap(page, prmem_page_size);
+    }
+#ifdef SYS_memfd_secret
+    fd = (int)syscall(SYS_memfd_secret, 0UL);
+    if (fd >= 0) {
+        f |= PRMEM_FEAT_MEMFD_SECRET;
+        close(fd);
+    }
+#endif
+#ifdef SYS_pkey_alloc
+    long key = syscall(SYS_pkey_alloc, 0UL, 0UL);
+    if (key >= 0) {
+        f |= PRMEM_FEAT_PKEYS;
+        syscall(SYS_pkey_free, key);
+    }
+#endif
+    return f;
+}
+
+static int
+set_nomemory(PoolObject *pool, size_t size, const char *syscall_name, int err)
+{
+    PyErr_Format(PyExc_MemoryError,
+                 "prmem pool %R: cannot reserve %zu bytes (%s: %s)",
+                 pool->name, size, syscall_name, strerror(err));
+    return -1;
+}
+
+static int
+grow_array(void **array, size_t *cap, size_t count, size_t item_size)
+{
+    if (count < *cap)
+        return 0;
+    size_t new_cap = *cap ? *cap * 2 : 8;
+    void *p = PyMem_Realloc(*array, new_cap * item_size);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *array = p;
+    *cap = new_cap;
+    return 0;
+}
+
+/* Reserve a new chunk of `size` bytes (page multiple) and append it. */
+static int
+chunk_new(PoolObject *pool, size_t size)
+{
+    if (grow_array((void **)&pool->chunks, &pool->chunks_cap, pool->nchunks,
+                   sizeof(prmem_chunk)) < 0)
+        return -1;
+    if (size > (size_t)LLONG_MAX)
+        return set_nomemory(pool, size, "ftruncate", EFBIG);
+
+    /* memfd names show up in /proc/PID/maps as "/memfd:prmem:<pool>"; the
+     * kernel limits them to 249 bytes. */
+    char name[250];
+    const char *pool_name = PyUnicode_AsUTF8(pool->name);
+    if (pool_name == NULL)
+        return -1;
+    snprintf(name, sizeof(name), "prmem:%s", pool_name);
+
+    int fd = sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) {
+        int err = errno;
+        if (err == ENOSYS) {
+            PyErr_SetString(pool->mstate->UnsupportedError,
+                            "memfd_create() is not available on this kernel; "
+                            "prmem needs it to back protected memory");
+            return -1;
+        }
+        if (err == EMFILE || err == ENFILE || err == ENOMEM)
+            return set_nomemory(pool, size, "memfd_create", err);
+        return prmem_set_oserror("memfd_create", err);
+    }
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int err = errno;
+        close(fd);
+        if (err == EFBIG || err == EINVAL || err == ENOMEM || err == ENOSPC)
+            return set_nomemory(pool, size, "ftruncate", err);
+        return prmem_set_oserror("ftruncate", err);
+    }
+    /* PROT_NONE reservation; MAP_NORESERVE because nothing is committed
+     * until an area is opened and touched. */
+    void *base = mmap(NULL, size, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (base == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        if (err == ENOMEM || err == EOVERFLOW || err == EINVAL)
+            return set_nomemory(pool, size, "mmap", err);
+        return prmem_set_oserror("mmap", err);
+    }
+    prmem_chunk *ch = &pool->chunks[pool->nchunks++];
+    ch->base = base;
+    ch->size = size;
+    ch->used = 0;
+    ch->fd = fd;
+    ch->sealed = 0;
+    ch->msealed = 0;
+    return 0;
+}
+
+static size_t
+round_up_pages(size_t n)
+{
+    /* caller guarantees n <= SIZE_MAX - page size */
+    return (n + prmem_page_size - 1) & ~(prmem_page_size - 1);
+}
+
+/*
+ * Open a new area able to hold `need` bytes at page alignment, make it the
+ * current area and apply the mode's protection.  In AUTO modes the previous
+ * current area is protected *after* the new one exists, so a failure to get
+ * memory leaves the pool exactly as it was.
+ */
+PRMEM_INTERNAL int
+prmem_area_open(PoolObject *pool, size_t need)
+{
+    if (need > SIZE_MAX - prmem_page_size)
+        return set_nomemory(pool, need, "mmap", ENOMEM);
+    size_t area_size = round_up_pages(need);
+    if (area_size < pool->refill)
+        area_size = pool->refill;
+
+    Py_ssize_t prev = pool->cur_area;
+    int auto_mode = pool->mode == PRMEM_MODE_AUTO_RO || pool->mode == PRMEM_MODE_AUTO_WR;
+    if (auto_mode && prev >= 0 && pool->areas[prev].wexports > 0) {
+        PyErr_Format(PyExc_BufferError,
+                     "prmem pool %R: this allocation would auto-protect the "
+                     "current area, but %zd writable buffer view(s) of it are "
+                     "still alive; release them first",
+                     pool->name, pool->areas[prev].wexports);
+        return -1;
+    }
+    if (grow_array((void **)&pool->areas, &pool->areas_cap, pool->nareas,
+                   sizeof(prmem_area)) < 0)
+        return -1;
+    if (pool->nareas >= UINT32_MAX) {
+        PyErr_SetString(PyExc_MemoryError, "prmem pool has too many areas");
+        return -1;
+    }
+
+    /* AUTO_RO seals the previous area's chunk when moving on, so each area
+     * gets a chunk of its own; other modes carve areas from the last chunk
+     * while it has room and is not sealed. */
+    prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
+    if (ch == NULL || ch->sealed || ch->size - ch->used < area_size ||
+        pool->mode == PRMEM_MODE_AUTO_RO) {
+        size_t chunk_size = area_size;
+        if (pool->mode != PRMEM_MODE_AUTO_RO && chunk_size < pool->next_chunk_size)
+            chunk_size = pool->next_chunk_size;
+        if (chunk_new(pool, chunk_size) < 0)
+            return -1;
+        if (pool->next_chunk_size < PRMEM_MAX_CHUNK_SIZE)
+            pool->next_chunk_size *= 2;
+        ch = &pool->chunks[pool->nchunks - 1];
+    }
+
+    char *start = ch->base + ch->used;
+    int state = pool->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
+    int prot = state == PRMEM_WRITABLE ? PROT_READ | PROT_WRITE : PROT_READ;
+    if (mprotect(start, area_size, prot) < 0) {
+        int err = errno;
+        if (err == ENOMEM)
+            return set_nomemory(pool, area_size, "mprotect", err);
+        return prmem_set_oserror("mprotect", err);
+    }
+    ch->used += area_size;
+    prmem_area *area = &pool->areas[pool->nareas];
+    area->start = start;
+    area->size = area_size;
+    area->chunk = (uint32_t)(ch - pool->chunks);
+    area->state = (uint8_t)state;
+    area->wexports = 0;
+    pool->nareas++;
+    pool->cur_area = (Py_ssize_t)(pool->nareas - 1);
+    pool->cur_off = 0;
+
+    if (auto_mode && prev >= 0) {
+        prmem_area *old = &pool->areas[prev];
+        if (pool->mode == PRMEM_MODE_AUTO_RO)
+            return prmem_chunk_seal(pool, old->chunk);
+        if (old->state == PRMEM_WRITABLE) {
+            if (mprotect(old->start, old->size, PROT_READ) < 0)
+                return prmem_set_oserror("mprotect", errno);
+            old->state = PRMEM_WRITE_RARE;
+        }
+    }
+    return 0;
+}
+
+PRMEM_INTERNAL void
+prmem_close_current_area(PoolObject *pool)
+{
+    if (pool->cur_area >= 0) {
+        pool->bytes_lost += pool->areas[pool->cur_area].size - pool->cur_off;
+        pool->cur_area = -1;
+        pool->cur_off = 0;
+    }
+}
+
+/*
+ * Make every area of chunk `ci` READ_ONLY for good: seal the memfd against
+ * writes, growth and shrinking, re-map the used part read-only (the new VMA
+ * has no VM_MAYWRITE, so mprotect(PROT_WRITE) fails with EACCES), unmap the
+ * unused tail (its pre-seal mapping could still be made writable), close the
+ * fd, and mseal() the range if the pool asked for it.
+ */
+PRMEM_INTERNAL int
+prmem_chunk_seal(PoolObject *pool, size_t ci)
+{
+    prmem_chunk *ch = &pool->chunks[ci];
+    if (ch->sealed)
+        return 0;
+    if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
+        prmem_close_current_area(pool);
+
+    int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+    if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
+        seals |= F_SEAL_FUTURE_WRITE;
+    if (fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
+        return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
+    if (ch->used > 0 &&
+        mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) == MAP_FAILED)
+        return prmem_set_oserror("mmap", errno);
+    if (ch->size > ch->used) {
+        if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
+            return prmem_set_oserror("munmap", errno);
+        ch->size = ch->used;
+    }
+    close(ch->fd);
+    ch->fd = -1;
+    ch->sealed = 1;
+    for (size_t i = 0; i < pool->nareas; i++) {
+        if (pool->areas[i].chunk == ci)
+            pool->areas[i].state = PRMEM_READ_ONLY;
+    }
+    if (pool->seal && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
+        if (sys_mseal(ch->base, ch->used) < 0)
+            return prmem_set_oserror("mseal", errno);
+        ch->msealed = 1;
+    }
+    return 0;
+}
+
+PRMEM_INTERNAL int
+prmem_seal_all(PoolObject *pool)
+{
+    for (size_t ci = 0; ci < pool->nchunks; ci++) {
+        if (prmem_chunk_seal(pool, ci) < 0)
+            return -1;
+    }
+    prmem_close_current_area(pool);
+    return 0;
+}
+
+/* Move every WRITABLE area to WRITE_RARE (mprotect PROT_READ), merging runs
+ * of adjacent areas into one syscall. */
+PRMEM_INTERNAL int
+prmem_make_write_rare(PoolObject *pool)
+{
+    size_t i = 0;
+    while (i < pool->nareas) {
+        if (pool->areas[i].state != PRMEM_WRITABLE) {
+            i++;
+            continue;
+        }
+        size_t j = i + 1;
+        char *end = pool->areas[i].start + pool->areas[i].size;
+        while (j < pool->nareas && pool->areas[j].state == PRMEM_WRITABLE &&
+               pool->areas[j].chunk == pool->areas[i].chunk && pool->areas[j].start == end) {
+            end += pool->areas[j].size;
+            j++;
+        }
+        if (mprotect(pool->areas[i].start, (size_t)(end - pool->areas[i].start), PROT_READ) < 0)
+            return prmem_set_oserror("mprotect", errno);
+        for (size_t k = i; k < j; k++)
+            pool->areas[k].state = PRMEM_WRITE_RARE;
+        i = j;
+    }
+    prmem_close_current_area(pool);
+    return 0;
+}
+
+/*
+ * Write n bytes at dst through the area's memfd (pwrite), never through a
+ * writable mapping: the data stays write-protected in every thread while the
+ * write happens, and readers see the new bytes at once through their
+ * read-only shared mapping.  With src == NULL, writes fill_byte n times.
+ */
+PRMEM_INTERNAL int
+prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
+                 const void *src, size_t n, int fill_byte)
+{
+    const prmem_chunk *ch = &pool->chunks[area->chunk];
+    if (ch->fd < 0) {
+        PyErr_Format(pool->mstate->ProtectionError,
+                     "prmem pool %R: memory is sealed read-only", pool->name);
+        return -1;
+    }
+    off_t off = (off_t)(dst - ch->base);
+    unsigned char fill[4096];
+    if (src == NULL)
+        memset(fill, fill_byte, sizeof(fill));
+    while (n > 0) {
+        size_t len = n;
+        const void *from = src;
+        if (src == NULL && len > sizeof(fill))
+            len = sizeof(fill);
+        if (src == NULL)
+            from = fill;
+        ssize_t w = pwrite(ch->fd, from, len, off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return prmem_set_oserror("pwrite", errno);
+        }
+        if (w == 0)
+            return prmem_set_oserror("pwrite", EIO);
+        n -= (size_t)w;
+        off += w;
+        if (src != NULL)
+            src = (const char *)src + w;
+    }
+    return 0;
+}
+
+/* Overwrite with zeros the pages of an unsealed chunk that hold data
+ * (SEEK_DATA/SEEK_HOLE skip never-touched ranges, so a huge sparse area
+ * costs nothing), so its contents do not survive in freed pages. */
+static void
+zero_chunk_data(prmem_chunk *ch)
+{
+    static const char zeros[4096];
+    off_t off = 0;
+    off_t size = (off_t)ch->used;
+    while (off < size) {
+        off_t data = lseek(ch->fd, off, SEEK_DATA);
+        if (data < 0 || data >= size)
+            break;
+        off_t hole = lseek(ch->fd, data, SEEK_HOLE);
+        if (hole < 0 || hole > size)
+            hole = size;
+        for (off_t p = data; p < hole;) {
+            size_t len = (size_t)(hole - p) < sizeof(zeros) ? (size_t)(hole - p) : sizeof(zeros);
+            ssize_t w = pwrite(ch->fd, zeros, len, p);
+            if (w <= 0) {
+                if (w < 0 && errno == EINTR)
+                    continue;
+                return;
+            }
+            p += w;
+        }
+        off = hole;
+    }
+}
+
+/* Give every page of the pool back to the kernel.  Unsealed memory is zeroed
+ * first; sealed memory cannot be written by anyone, prmem included, so the
+ * kernel gets it as is (it zeroes pages before reusing them).  mseal()ed
+ * chunks cannot be unmapped at all and stay until the process exits. */
+PRMEM_INTERNAL void
+prmem_pool_release(PoolObject *pool)
+{
+    for (size_t ci = 0; ci < pool->nchunks; ci++) {
+        prmem_chunk *ch = &pool->chunks[ci];
+        if (ch->fd >= 0) {
+            zero_chunk_data(ch);
+            close(ch->fd);
+            ch->fd = -1;
+        }
+        if (!ch->msealed && ch->size > 0)
+            munmap(ch->base, ch->size);
+    }
+    PyMem_Free(pool->chunks);
+    PyMem_Free(pool->areas);
+    pool->chunks = NULL;
+    pool->areas = NULL;
+    pool->nchunks = pool->chunks_cap = 0;
+    pool->nareas = pool->areas_cap = 0;
+    pool->cur_area = -1;
+}

@@ -1,0 +1,224 @@
+/*
+ * Module init for prmem._core: multi-phase init, heap types, exceptions in
+ * module state, feature probes.
+ */
+#include "prmem.h"
+
+#include <string.h>
+#include <unistd.h>
+
+static PyModuleDef prmem_moduledef;
+
+PRMEM_INTERNAL PyModuleDef *
+prmem_moduledef_ptr(void)
+{
+    return &prmem_moduledef;
+}
+
+static prmem_module_state *
+get_state(PyObject *module)
+{
+    return (prmem_module_state *)PyModule_GetState(module);
+}
+
+static PyObject *
+probe_features(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    static const struct {
+        unsigned bit;
+        const char *name;
+    } names[] = {
+        {PRMEM_FEAT_MEMFD, "memfd"},
+        {PRMEM_FEAT_SEAL_FUTURE_WRITE, "memfd_seal_future_write"},
+        {PRMEM_FEAT_MSEAL, "mseal"},
+        {PRMEM_FEAT_MEMFD_SECRET, "memfd_secret"},
+        {PRMEM_FEAT_PKEYS, "pkeys"},
+    };
+    PyObject *set = PySet_New(NULL);
+    if (set == NULL)
+        return NULL;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (!(prmem_features & names[i].bit))
+            continue;
+        PyObject *s = PyUnicode_FromString(names[i].name);
+        if (s == NULL || PySet_Add(set, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(set);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
+    return set;
+}
+
+static PyObject *
+set_state_members(PyObject *module, PyObject *members)
+{
+    if (!PyTuple_Check(members) || PyTuple_GET_SIZE(members) != PRMEM_NSTATES) {
+        PyErr_SetString(PyExc_TypeError, "expected a tuple of the 3 prmem.State members");
+        return NULL;
+    }
+    prmem_module_state *st = get_state(module);
+    Py_INCREF(members);
+    Py_XSETREF(st->state_members, members);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"probe_features", probe_features, METH_NOARGS,
+     "Names of the kernel features detected at import (a set of str)."},
+    {"_set_state_members", set_state_members, METH_O,
+     "Register the prmem.State members Allocation.state returns."},
+    {"rare_write", (PyCFunction)(void (*)(void))prmem_module_rare_write,
+     METH_FASTCALL | METH_KEYWORDS,
+     "rare_write(dst, data, offset=0) -> None\n\n"
+     "Pool.rare_write() with the pool taken from the allocation dst."},
+    {"rare_memset", (PyCFunction)(void (*)(void))prmem_module_rare_memset,
+     METH_FASTCALL | METH_KEYWORDS,
+     "rare_memset(dst, byte, offset=0, length=None) -> None\n\n"
+     "Pool.rare_memset() with the pool taken from the allocation dst."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+new_exception(PyObject *module, const char *name, const char *doc, PyObject *bases)
+{
+    PyObject *exc = PyErr_NewExceptionWithDoc(name, doc, bases, NULL);
+    Py_DECREF(bases);
+    if (exc == NULL)
+        return NULL;
+    const char *short_name = strrchr(name, '.') + 1;
+    Py_INCREF(exc);
+    if (PyModule_AddObject(module, short_name, exc) < 0) {
+        Py_DECREF(exc);
+        Py_DECREF(exc);
+        return NULL;
+    }
+    return exc;
+}
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **out, const char *attr)
+{
+    PyObject *t = PyType_FromModuleAndSpec(module, spec, NULL);
+    if (t == NULL)
+        return -1;
+    *out = (PyTypeObject *)t;
+    Py_INCREF(t);
+    if (PyModule_AddObject(module, attr, t) < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+module_exec(PyObject *module)
+{
+    prmem_module_state *st = get_state(module);
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || (page & (page - 1)) != 0) {
+        PyErr_SetString(PyExc_ImportError, "prmem: cannot determine the page size");
+        return -1;
+    }
+    prmem_page_size = (size_t)page;
+    prmem_page_shift = __builtin_ctzl((unsigned long)page);
+    prmem_features = prmem_probe_features();
+
+    if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
+        add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0)
+        return -1;
+
+    st->PrmemError = new_exception(module, "prmem.PrmemError",
+                                   "Base class of every error prmem raises itself.",
+                                   PyTuple_Pack(1, PyExc_Exception));
+    if (st->PrmemError == NULL)
+        return -1;
+    st->ProtectionError = new_exception(
+        module, "prmem.ProtectionError",
+        "A write was refused because the memory is not writable that way "
+        "(WRITE_RARE through a plain write, READ_ONLY through anything).",
+        PyTuple_Pack(2, st->PrmemError, PyExc_PermissionError));
+    st->PoolDestroyedError = new_exception(
+        module, "prmem.PoolDestroyedError", "The pool was destroyed; its memory is gone.",
+        PyTuple_Pack(2, st->PrmemError, PyExc_ValueError));
+    st->UnsupportedError = new_exception(
+        module, "prmem.UnsupportedError",
+        "The running kernel lacks a feature this request needs.",
+        PyTuple_Pack(2, st->PrmemError, PyExc_OSError));
+    if (st->ProtectionError == NULL || st->PoolDestroyedError == NULL ||
+        st->UnsupportedError == NULL)
+        return -1;
+
+    if (PyModule_AddIntConstant(module, "page_size", page) < 0 ||
+        PyModule_AddIntConstant(module, "page_shift", prmem_page_shift) < 0 ||
+        PyModule_AddIntConstant(module, "MODE_RO", PRMEM_MODE_RO) < 0 ||
+        PyModule_AddIntConstant(module, "MODE_WR", PRMEM_MODE_WR) < 0 ||
+        PyModule_AddIntConstant(module, "MODE_AUTO_RO", PRMEM_MODE_AUTO_RO) < 0 ||
+        PyModule_AddIntConstant(module, "MODE_AUTO_WR", PRMEM_MODE_AUTO_WR) < 0 ||
+        PyModule_AddIntConstant(module, "MODE_START_WR", PRMEM_MODE_START_WR) < 0 ||
+        PyModule_AddIntConstant(module, "STATE_WRITABLE", PRMEM_WRITABLE) < 0 ||
+        PyModule_AddIntConstant(module, "STATE_WRITE_RARE", PRMEM_WRITE_RARE) < 0 ||
+        PyModule_AddIntConstant(module, "STATE_READ_ONLY", PRMEM_READ_ONLY) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    prmem_module_state *st = get_state(module);
+    Py_VISIT(st->PoolType);
+    Py_VISIT(st->AllocationType);
+    Py_VISIT(st->PrmemError);
+    Py_VISIT(st->ProtectionError);
+    Py_VISIT(st->PoolDestroyedError);
+    Py_VISIT(st->UnsupportedError);
+    Py_VISIT(st->state_members);
+    return 0;
+}
+
+static int
+module_clear(PyObject *module)
+{
+    prmem_module_state *st = get_state(module);
+    Py_CLEAR(st->PoolType);
+    Py_CLEAR(st->AllocationType);
+    Py_CLEAR(st->PrmemError);
+    Py_CLEAR(st->ProtectionError);
+    Py_CLEAR(st->PoolDestroyedError);
+    Py_CLEAR(st->UnsupportedError);
+    Py_CLEAR(st->state_members);
+    return 0;
+}
+
+static void
+module_free(void *module)
+{
+    module_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static PyModuleDef prmem_moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "prmem._core",
+    .m_doc = "C core of prmem: syscalls, areas, allocator and write-rare.",
+    .m_size = sizeof(prmem_module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&prmem_moduledef);
+}

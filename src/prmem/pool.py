@@ -1,0 +1,409 @@
+"""The public pool API: modes, states, pools, write-rare and after-init sections.
+
+The C core (``prmem._core``) does the syscalls and keeps every piece of state
+that decides what may be written (modes, per-area states, bounds, buffer
+export counts, the pool lock).  This module adds the Pythonic surface:
+argument conversion, enums, stats as a dataclass, sessions and references.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from typing import Any, Callable, Optional, Union
+
+from . import _core
+from .errors import ProtectionError
+
+__all__ = [
+    "Allocation",
+    "Mode",
+    "Pool",
+    "PoolStats",
+    "ProtectedRef",
+    "RareWriteSession",
+    "Section",
+    "State",
+    "mark_init_done",
+    "rare_memset",
+    "rare_write",
+    "replace_pool",
+    "ro_after_init",
+    "wr_after_init",
+]
+
+#: A range of protectable memory handed out by a pool (``pool.alloc()``...).
+Allocation = _core.Allocation
+
+
+class Mode(enum.IntEnum):
+    """How a pool's memory is protected, at allocation time → at protect().
+
+    ``RO``: writable → read-only (sealed).  ``WR``: writable → write-rare.
+    ``AUTO_RO``: the current area is writable; opening a new area makes the
+    previous one read-only; protect() makes all read-only.  ``AUTO_WR``: the
+    same with write-rare.  ``START_WR``: write-rare from the moment memory is
+    handed out; protect() keeps it write-rare.
+    """
+
+    RO = _core.MODE_RO
+    WR = _core.MODE_WR
+    AUTO_RO = _core.MODE_AUTO_RO
+    AUTO_WR = _core.MODE_AUTO_WR
+    START_WR = _core.MODE_START_WR
+
+    @property
+    def has_write_rare(self) -> bool:
+        """True if memory of such a pool can be changed with rare_write()."""
+        return self in (Mode.WR, Mode.AUTO_WR, Mode.START_WR)
+
+
+class State(enum.IntEnum):
+    """Writability of an area; it only ever increases (never goes back)."""
+
+    WRITABLE = _core.STATE_WRITABLE
+    WRITE_RARE = _core.STATE_WRITE_RARE
+    READ_ONLY = _core.STATE_READ_ONLY
+
+
+_core._set_state_members((State.WRITABLE, State.WRITE_RARE, State.READ_ONLY))
+
+_POINTER_ALIGN_ORDER = 3  # log2(sizeof(void *)) on 64-bit Linux
+
+
+def _to_mode(mode: Union[Mode, int, str]) -> Mode:
+    if isinstance(mode, bool):
+        raise TypeError("mode must be a prmem.Mode, not bool")
+    if isinstance(mode, str):
+        try:
+            return Mode[mode.upper()]
+        except KeyError:
+            raise ValueError(f"unknown pool mode {mode!r}; expected one of "
+                             f"{', '.join(m.name for m in Mode)}") from None
+    if isinstance(mode, int):
+        try:
+            return Mode(mode)
+        except ValueError:
+            raise ValueError(f"unknown pool mode {mode!r}") from None
+    raise TypeError(f"mode must be a prmem.Mode, not {type(mode).__name__}")
+
+
+def _to_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a pool's counters (``Pool.stats()``).
+
+    ``bytes_mapped`` is the size of all areas; ``bytes_reserved`` the address
+    space held for them; ``bytes_lost_to_protection`` the unused tails of
+    areas closed by protect()/make_ro(); ``bytes_free`` what is left in the
+    current area.
+    """
+
+    name: str
+    mode: Mode
+    destroyed: bool
+    allocations: int
+    areas: int
+    chunks: int
+    sealed_chunks: int
+    bytes_requested: int
+    bytes_mapped: int
+    bytes_reserved: int
+    bytes_lost_to_protection: int
+    bytes_free: int
+    areas_by_state: dict[State, int]
+    buffer_views: int
+    writable_buffer_views: int
+
+
+class Pool(_core.Pool):
+    """A protectable memory pool (the kernel's pmalloc pool).
+
+    ``Pool(mode=Mode.RO, *, name="pool", refill=65536, align_order=None,
+    seal=False)``
+
+    Allocations (``alloc``, ``zalloc``, ``calloc``, ``strdup``) are packed into
+    page-aligned areas of at least ``refill`` bytes; there is no per-allocation
+    free: memory goes back to the system when the pool is destroyed (or with
+    ``with Pool(...) as pool:``).  ``protect()`` write-protects every area per
+    the mode.  ``align_order`` is log2 of the default alignment (default:
+    pointer alignment).  With ``seal=True`` READ_ONLY memory is also
+    ``mseal()``ed where the kernel has it: it can then never be unmapped, so
+    it is only released when the process exits.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        mode: Union[Mode, int, str] = Mode.RO,
+        *,
+        name: str = "pool",
+        refill: int = 65536,
+        align_order: Optional[int] = None,
+        seal: bool = False,
+    ) -> None:
+        mode = _to_mode(mode)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        refill = _to_int(refill, "refill")
+        align_order = _POINTER_ALIGN_ORDER if align_order is None else _to_int(
+            align_order, "align_order")
+        super().__init__(int(mode), name, refill, align_order, bool(seal))
+
+    @property
+    def mode(self) -> Mode:
+        """The pool's :class:`Mode`."""
+        return Mode(self._mode)
+
+    def stats(self) -> PoolStats:
+        """Return a :class:`PoolStats` snapshot of the pool's counters."""
+        raw = self._stats()
+        return PoolStats(
+            name=self.name,
+            mode=Mode(raw["mode"]),
+            destroyed=bool(raw["destroyed"]),
+            allocations=raw["allocations"],
+            areas=raw["areas"],
+            chunks=raw["chunks"],
+            sealed_chunks=raw["sealed_chunks"],
+            bytes_requested=raw["bytes_requested"],
+            bytes_mapped=raw["bytes_mapped"],
+            bytes_reserved=raw["bytes_reserved"],
+            bytes_lost_to_protection=raw["bytes_lost_to_protection"],
+            bytes_free=raw["bytes_free"],
+            areas_by_state={
+                State.WRITABLE: raw["areas_writable"],
+                State.WRITE_RARE: raw["areas_write_rare"],
+                State.READ_ONLY: raw["areas_read_only"],
+            },
+            buffer_views=raw["buffer_views"],
+            writable_buffer_views=raw["writable_buffer_views"],
+        )
+
+    def rare_write_session(self) -> RareWriteSession:
+        """Return a context manager batching rare writes to this pool.
+
+        ``with pool.rare_write_session() as w: w.write(dst, data)`` — the
+        user-space ``rare_write_begin() / __rare_write() / rare_write_end()``.
+        """
+        return RareWriteSession(self)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("prmem pools cannot be pickled or copied: their memory is "
+                        "tied to this process")
+
+    def __repr__(self) -> str:
+        if not hasattr(self, "_mode"):
+            return "<prmem.Pool (uninitialised)>"
+        try:
+            raw = self._stats()
+        except Exception:
+            return "<prmem.Pool (uninitialised)>"
+        if raw["destroyed"]:
+            return f"<prmem.Pool {self.name!r} mode={self.mode.name} destroyed>"
+        return (f"<prmem.Pool {self.name!r} mode={self.mode.name} "
+                f"allocations={raw['allocations']} areas={raw['areas']}>")
+
+
+def rare_write(dst: Allocation, data: Any, offset: int = 0) -> None:
+    """Write bytes-like ``data`` into allocation ``dst`` at ``offset``.
+
+    Works on WRITE_RARE (and still-WRITABLE) memory of pools whose mode has
+    write-rare.  The bytes go through the pool's memfd: the memory is never
+    mapped writable.  Raises ProtectionError on READ_ONLY memory or for
+    RO/AUTO_RO pools, ValueError if the range is not inside ``dst``.
+    """
+    _core.rare_write(dst, data, offset)
+
+
+def rare_memset(dst: Allocation, byte: int, offset: int = 0,
+                length: Optional[int] = None) -> None:
+    """Fill ``length`` bytes of ``dst`` from ``offset`` (default: to its end)
+    with ``byte``, with the same rules as :func:`rare_write`."""
+    _core.rare_memset(dst, byte, offset, length)
+
+
+_open_sessions = threading.local()
+
+
+class RareWriteSession:
+    """A batch of rare writes to one pool (``Pool.rare_write_session()``).
+
+    Opening a second session on the same pool in the same thread raises
+    RuntimeError (the kernel's "BUG() if writes are already enabled").  The
+    memory is never writable through its mapping, during the session or
+    after; each write is applied at once under the pool lock.  A session does
+    not make a multi-field update atomic for readers: take your own lock
+    around the session if readers must not see a half-done update.
+    """
+
+    __slots__ = ("_pool", "_owner")
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._owner: Optional[int] = None
+
+    def __enter__(self) -> RareWriteSession:
+        pools = _open_sessions.__dict__.setdefault("pools", set())
+        if id(self._pool) in pools:
+            raise RuntimeError(f"a rare-write session is already open on pool "
+                               f"{self._pool.name!r} in this thread")
+        pools.add(id(self._pool))
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _open_sessions.__dict__.get("pools", set()).discard(id(self._pool))
+        self._owner = None
+
+    def _check(self) -> None:
+        if self._owner is None:
+            raise RuntimeError("rare-write session is not open")
+        if self._owner != threading.get_ident():
+            raise RuntimeError("rare-write session belongs to another thread")
+
+    def write(self, dst: Allocation, data: Any, offset: int = 0) -> None:
+        """Write ``data`` into ``dst`` at ``offset`` (see :func:`rare_write`)."""
+        self._check()
+        self._pool.rare_write(dst, data, offset)
+
+    def memset(self, dst: Allocation, byte: int, offset: int = 0,
+               length: Optional[int] = None) -> None:
+        """Fill part of ``dst`` with ``byte`` (see :func:`rare_memset`)."""
+        self._check()
+        self._pool.rare_memset(dst, byte, offset, length)
+
+
+class Section(Pool):
+    """A process-wide after-init section: ``prmem.ro_after_init`` or
+    ``prmem.wr_after_init``.
+
+    Allocate from it freely during init; :func:`mark_init_done` makes
+    ro_after_init READ_ONLY (sealed) and wr_after_init WRITE_RARE, once, for
+    the life of the process.  Afterwards allocations raise ProtectionError.
+    Sections cannot be destroyed, and wr_after_init cannot be made read-only
+    (as with the kernel's __wr_after_init).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, mode: Mode, name: str) -> None:  # noqa: D107 - internal
+        _core.Pool.__init__(self, int(mode), name, 65536, _POINTER_ALIGN_ORDER, False, True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        raise ProtectionError(f"{self.name} cannot be used as a context manager: "
+                              "sections live as long as the process")
+
+    def __repr__(self) -> str:
+        phase = "protected" if self.init_done else "init"
+        return f"<prmem section {self.name} ({phase})>"
+
+
+#: Process-wide section that becomes READ_ONLY at mark_init_done().
+ro_after_init = Section(Mode.RO, "ro_after_init")
+#: Process-wide section that becomes WRITE_RARE at mark_init_done().
+wr_after_init = Section(Mode.WR, "wr_after_init")
+
+
+def mark_init_done() -> None:
+    """End the init phase: protect ``ro_after_init`` (READ_ONLY, sealed) and
+    ``wr_after_init`` (WRITE_RARE).  Calling it again is a no-op."""
+    ro_after_init._finish_init()
+    wr_after_init._finish_init()
+
+
+# ProtectedRef slots live in one START_WR pool: write-rare from the moment
+# they are handed out, so not even their first value is written through a
+# writable mapping.
+_ref_pool: Optional[Pool] = None
+_ref_pool_lock = threading.Lock()
+
+
+def _ref_slot() -> Allocation:
+    global _ref_pool
+    with _ref_pool_lock:
+        if _ref_pool is None:
+            _ref_pool = Pool(Mode.START_WR, name="protected_refs", refill=4096)
+        return _ref_pool.zalloc(8)
+
+
+class ProtectedRef:
+    """A reference whose authoritative value lives in write-rare memory.
+
+    The seeds' point: protecting data is not enough if the reference to it
+    can be redirected to unprotected memory.  A ProtectedRef records the
+    identity of its target in a write-rare slot and changes it only with a
+    rare write; :meth:`get` checks the Python-side reference against the
+    protected slot and raises ProtectionError if they disagree, so a
+    corrupted reference is detected instead of followed.
+    """
+
+    __slots__ = ("_slot", "_target", "_lock", "__weakref__")
+
+    def __init__(self, target: Any = None) -> None:
+        self._slot = _ref_slot()
+        self._lock = threading.Lock()
+        self._target = None
+        self.set(target)
+
+    def get(self) -> Any:
+        """Return the target, after checking it against the protected slot."""
+        with self._lock:
+            target = self._target
+            recorded = int.from_bytes(self._slot[0:8], "little")
+        if recorded != id(target):
+            raise ProtectionError("ProtectedRef: the reference does not match its "
+                                  "write-rare record; it has been tampered with")
+        return target
+
+    def set(self, target: Any) -> None:
+        """Point the reference at ``target`` (one rare write)."""
+        with self._lock:
+            rare_write(self._slot, id(target).to_bytes(8, "little"))
+            self._target = target
+
+    def __repr__(self) -> str:
+        return f"<prmem.ProtectedRef to {type(self._target).__name__}>"
+
+
+def replace_pool(
+    ref: ProtectedRef,
+    build: Callable[[Pool], Any],
+    *,
+    mode: Union[Mode, int, str] = Mode.RO,
+    name: str = "pool",
+    refill: int = 65536,
+) -> Pool:
+    """The policy-database update sequence (seed 002), in one call.
+
+    Build a new version in a fresh pool with ``build(pool)``, protect it,
+    point ``ref`` at it with one rare write, then destroy the pool ``ref``
+    pointed to before (if it was a Pool).  If ``build`` or ``protect()``
+    fails, the new pool is destroyed and the old one keeps serving.  Returns
+    the new pool.  Readers must not keep allocations of the old pool past
+    the swap; serialise them with your own lock if they may.
+    """
+    new = Pool(mode, name=name, refill=refill)
+    try:
+        build(new)
+        new.protect()
+    except BaseException:
+        new.destroy()
+        raise
+    old = ref.get()
+    ref.set(new)
+    if isinstance(old, Pool) and old is not new:
+        old.destroy()
+    return new

@@ -1,0 +1,80 @@
+"""Shared test helpers.
+
+Protection is proven by doing the forbidden thing for real in a child
+process: ``run_child(code)`` runs ``code`` in a fresh interpreter (the same
+one running the tests, importing the same prmem) and returns the completed
+process, so tests can assert ``returncode == -signal.SIGSEGV``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import prmem
+
+CHILD_PRELUDE = """
+import ctypes, os, signal, sys
+import prmem
+from prmem import Mode, State, Pool
+
+def native_write(alloc, data=b"X", offset=0):
+    # A raw write from native code: no prmem check in the way, only the MMU.
+    ctypes.memmove(alloc.address + offset, data, len(data))
+"""
+
+
+def run_child(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented, after CHILD_PRELUDE) in a new interpreter."""
+    source = CHILD_PRELUDE + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", source],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def pool_factory():
+    """Create pools that are destroyed at the end of the test."""
+    pools = []
+
+    def make(*args, **kwargs):
+        pool = prmem.Pool(*args, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        try:
+            pool.destroy()
+        except BufferError:
+            pass
+
+
+def maps_entries(name: str):
+    """Lines of /proc/self/maps that belong to prmem pool ``name``:
+    (start, end, perms) tuples."""
+    entries = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(("/memfd:prmem:%s (deleted)" % name,
+                                       "/memfd:prmem:%s" % name)):
+                addrs, perms = line.split()[:2]
+                start, end = (int(x, 16) for x in addrs.split("-"))
+                entries.append((start, end, perms))
+    return entries
+
+
+def perms_at(address: int) -> str:
+    """Permissions ("r--s", "rw-s", ...) of the mapping containing address."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            addrs, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in addrs.split("-"))
+            if start <= address < end:
+                return perms
+    raise LookupError(hex(address))
