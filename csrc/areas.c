@@ -260,14 +260,12 @@ prmem_area_open(PoolObject *pool, size_t need)
         return -1;
     }
 
-    /* AUTO_RO seals the previous area's chunk when moving on, so each area
-     * gets a chunk of its own; other modes carve areas from the last chunk
-     * while it has room and is not sealed. */
+    /* Carve from the last chunk while it has room and is not sealed (a
+     * sealed memfd can never be mapped writable again). */
     prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
-    if (ch == NULL || ch->sealed || ch->size - ch->used < area_size ||
-        pool->mode == PRMEM_MODE_AUTO_RO) {
+    if (ch == NULL || ch->sealed || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
-        if (pool->mode != PRMEM_MODE_AUTO_RO && chunk_size < pool->next_chunk_size)
+        if (chunk_size < pool->next_chunk_size)
             chunk_size = pool->next_chunk_size;
         if (chunk_new(pool, chunk_size) < 0)
             return -1;
@@ -296,14 +294,15 @@ prmem_area_open(PoolObject *pool, size_t need)
     pool->cur_area = (Py_ssize_t)(pool->nareas - 1);
     pool->cur_off = 0;
 
+    /* AUTO modes: the area we leave is write-protected now.  An AUTO_RO
+     * area is READ_ONLY for the MMU at once; the seal that makes it
+     * permanent covers the whole chunk, so it comes with protect(). */
     if (auto_mode && prev >= 0) {
         prmem_area *old = &pool->areas[prev];
-        if (pool->mode == PRMEM_MODE_AUTO_RO)
-            return prmem_chunk_seal(pool, old->chunk);
         if (old->state == PRMEM_WRITABLE) {
             if (mprotect(old->start, old->size, PROT_READ) < 0)
                 return prmem_set_oserror("mprotect", errno);
-            old->state = PRMEM_WRITE_RARE;
+            old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
         }
     }
     return 0;
@@ -323,8 +322,10 @@ prmem_close_current_area(PoolObject *pool)
  * Make every area of chunk `ci` READ_ONLY for good: seal the memfd against
  * writes, growth and shrinking, re-map the used part read-only (the new VMA
  * has no VM_MAYWRITE, so mprotect(PROT_WRITE) fails with EACCES), unmap the
- * unused tail (its pre-seal mapping could still be made writable), close the
- * fd, and mseal() the range if the pool asked for it.
+ * unused tail (its pre-seal mapping could still be made writable), and
+ * mseal() the range if the pool asked for it.  The fd stays open: it can no
+ * longer write (pwrite fails with EPERM) and it lets destroy() release the
+ * file deterministically.
  */
 PRMEM_INTERNAL int
 prmem_chunk_seal(PoolObject *pool, size_t ci)
@@ -348,8 +349,6 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
             return prmem_set_oserror("munmap", errno);
         ch->size = ch->used;
     }
-    close(ch->fd);
-    ch->fd = -1;
     ch->sealed = 1;
     for (size_t i = 0; i < pool->nareas; i++) {
         if (pool->areas[i].chunk == ci)
@@ -413,7 +412,7 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
                  const void *src, size_t n, int fill_byte)
 {
     const prmem_chunk *ch = &pool->chunks[area->chunk];
-    if (ch->fd < 0) {
+    if (ch->sealed) {
         PyErr_Format(pool->mstate->ProtectionError,
                      "prmem pool %R: memory is sealed read-only", pool->name);
         return -1;
@@ -485,7 +484,8 @@ prmem_pool_release(PoolObject *pool)
     for (size_t ci = 0; ci < pool->nchunks; ci++) {
         prmem_chunk *ch = &pool->chunks[ci];
         if (ch->fd >= 0) {
-            zero_chunk_data(ch);
+            if (!ch->sealed)
+                zero_chunk_data(ch);
             close(ch->fd);
             ch->fd = -1;
         }

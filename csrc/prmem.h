@@ -17,9 +17,11 @@
  *               so the data is never mapped writable again
  *   READ_ONLY   the whole chunk is sealed (F_SEAL_FUTURE_WRITE, SHRINK, GROW),
  *               re-mapped read-only after the seal so the VMA loses
- *               VM_MAYWRITE (mprotect(PROT_WRITE) -> EACCES), the unused tail
- *               of the reservation is unmapped and the fd is closed.
- *               Invariant: state READ_ONLY <=> the area's chunk is sealed.
+ *               VM_MAYWRITE (mprotect(PROT_WRITE) -> EACCES), and the unused
+ *               tail of the reservation is unmapped.  Sealing covers a whole
+ *               chunk, so it happens at protect()/make_ro(); an AUTO_RO area
+ *               left behind by a new area is PROT_READ (READ_ONLY for the
+ *               MMU) until then.  Invariant: sealed chunk => READ_ONLY areas.
  *
  * Locking: every field below that decides what may be written (states,
  * bounds, export counts, the chunk/area tables) is read and written only
@@ -70,7 +72,7 @@ typedef struct {
     char *base;   /* start of the reservation */
     size_t size;  /* bytes reserved (trimmed to `used` once sealed) */
     size_t used;  /* bytes carved into areas, from base */
-    int fd;       /* backing memfd; -1 once sealed (the mapping keeps the file) */
+    int fd;       /* backing memfd (O_RDWR; useless for writing once sealed) */
     int sealed;   /* every area in it is READ_ONLY, for good */
     int msealed;  /* mseal()ed too: can never be unmapped */
 } prmem_chunk;
