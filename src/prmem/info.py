@@ -1,0 +1,52 @@
+"""``prmem info``: what this kernel gives prmem, and what that means."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+# What each feature buys; printed by `prmem info`.
+FEATURE_NOTES: Dict[str, str] = {
+    "memfd": "memfd_create(): pools are backed by sealable memory files",
+    "memfd_seal_future_write": "F_SEAL_FUTURE_WRITE: READ_ONLY memory is sealed; "
+                               "mprotect(PROT_WRITE) and pwrite() on it fail",
+    "mseal": "mseal(): Pool(seal=True) also makes READ_ONLY mappings immune to "
+             "munmap/mprotect/mremap",
+    "memfd_secret": "memfd_secret(): pages can be removed from the kernel's direct map",
+    "pkeys": "memory protection keys (not used by prmem yet)",
+}
+
+
+def kernel_release() -> str:
+    """The running kernel's release string (uname -r)."""
+    return os.uname().release
+
+
+def describe() -> List[str]:
+    """Lines of the `prmem info` report."""
+    import prmem
+
+    lines = [
+        f"prmem {prmem.__version__}",
+        f"kernel: Linux {kernel_release()} ({os.uname().machine})",
+        f"page size: {prmem.page_size} bytes",
+        "features:",
+    ]
+    for name, note in FEATURE_NOTES.items():
+        mark = "yes" if name in prmem.features else "no "
+        lines.append(f"  [{mark}] {name:<24} {note}")
+    lines.append("caveats:")
+    if "memfd_seal_future_write" not in prmem.features:
+        lines.append("  ! no F_SEAL_FUTURE_WRITE: READ_ONLY memory is write-protected by the "
+                     "MMU but code that can call mprotect() can make it writable again")
+    lines.append("  - WRITE_RARE memory is read-only to the MMU, but code running in this "
+                 "process that calls mprotect() on it or pwrite() on the pool's memfd can "
+                 "still change it; sealed READ_ONLY memory it cannot")
+    lines.append("  - writes through /proc/PID/mem bypass page protection for private "
+                 "mappings; prmem's mappings are shared and refuse them (EIO)")
+    return lines
+
+
+def print_info() -> int:
+    """Print the report; exit status 0."""
+    print("\n".join(describe()))
+    return 0
