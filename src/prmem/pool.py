@@ -52,6 +52,9 @@ class Mode(enum.IntEnum):
     AUTO_WR = _core.MODE_AUTO_WR
     START_WR = _core.MODE_START_WR
 
+    def __str__(self) -> str:
+        return self.name
+
     @property
     def has_write_rare(self) -> bool:
         """True if memory of such a pool can be changed with rare_write()."""
@@ -64,6 +67,9 @@ class State(enum.IntEnum):
     WRITABLE = _core.STATE_WRITABLE
     WRITE_RARE = _core.STATE_WRITE_RARE
     READ_ONLY = _core.STATE_READ_ONLY
+
+    def __str__(self) -> str:
+        return self.name
 
 
 _core._set_state_members((State.WRITABLE, State.WRITE_RARE, State.READ_ONLY))
