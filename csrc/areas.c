@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -105,7 +107,12 @@ PRMEM_INTERNAL unsigned
 prmem_probe_features(void)
 {
     unsigned f = 0;
-    int fd = sys_memfd_create("prmem:probe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    /* PRMEM_NO_MEMFD=1 makes prmem behave as on a kernel without
+     * memfd_create(), so the fallback backing can be tested anywhere. */
+    const char *no_memfd = getenv("PRMEM_NO_MEMFD");
+    int fd = -1;
+    if (no_memfd == NULL || strcmp(no_memfd, "1") != 0)
+        fd = sys_memfd_create("prmem:probe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd >= 0) {
         f |= PRMEM_FEAT_MEMFD;
         if (fcntl(fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) == 0)
@@ -180,18 +187,26 @@ chunk_new(PoolObject *pool, size_t size)
         return -1;
     snprintf(name, sizeof(name), "prmem:%s", pool_name);
 
-    int fd = sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    /* Without memfd_create() (Linux < 3.17, or filtered by seccomp) the
+     * fallback is an unnamed tmpfs file: pwrite() and shared mappings work
+     * the same, but it cannot be sealed, so READ_ONLY is enforced by the
+     * MMU only (prmem.features lacks "memfd"; prmem info says so). */
+    int memfd = (prmem_features & PRMEM_FEAT_MEMFD) != 0;
+    int fd = memfd ? sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)
+                   : open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
     if (fd < 0) {
         int err = errno;
-        if (err == ENOSYS) {
-            PyErr_SetString(pool->mstate->UnsupportedError,
-                            "memfd_create() is not available on this kernel; "
-                            "prmem needs it to back protected memory");
+        const char *call = memfd ? "memfd_create" : "open(/dev/shm, O_TMPFILE)";
+        if (err == EMFILE || err == ENFILE || err == ENOMEM)
+            return set_nomemory(pool, size, call, err);
+        if (!memfd) {
+            PyErr_Format(pool->mstate->UnsupportedError,
+                         "this kernel has no memfd_create() and no O_TMPFILE on /dev/shm "
+                         "(%s); prmem has no way to back protected memory",
+                         strerror(err));
             return -1;
         }
-        if (err == EMFILE || err == ENFILE || err == ENOMEM)
-            return set_nomemory(pool, size, "memfd_create", err);
-        return prmem_set_oserror("memfd_create", err);
+        return prmem_set_oserror(call, err);
     }
     if (ftruncate(fd, (off_t)size) < 0) {
         int err = errno;
@@ -339,7 +354,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
     int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
     if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
         seals |= F_SEAL_FUTURE_WRITE;
-    if (fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
+    if ((prmem_features & PRMEM_FEAT_MEMFD) && fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
         return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
     if (ch->used > 0 &&
         mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) == MAP_FAILED)

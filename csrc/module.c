@@ -74,11 +74,17 @@ static PyMethodDef module_methods[] = {
     {"rare_write", (PyCFunction)(void (*)(void))prmem_module_rare_write,
      METH_FASTCALL | METH_KEYWORDS,
      "rare_write(dst, data, offset=0) -> None\n\n"
-     "Pool.rare_write() with the pool taken from the allocation dst."},
+     "Write bytes-like data into allocation dst at offset.  Allowed on\n"
+     "WRITE_RARE (and still WRITABLE) memory of WR, AUTO_WR and START_WR\n"
+     "pools.  The bytes go through the pool's memfd: the memory is never\n"
+     "mapped writable.  ProtectionError on READ_ONLY memory or RO/AUTO_RO\n"
+     "pools, ValueError if the range is not inside dst, TypeError if dst is\n"
+     "not a prmem.Allocation."},
     {"rare_memset", (PyCFunction)(void (*)(void))prmem_module_rare_memset,
      METH_FASTCALL | METH_KEYWORDS,
      "rare_memset(dst, byte, offset=0, length=None) -> None\n\n"
-     "Pool.rare_memset() with the pool taken from the allocation dst."},
+     "Fill length bytes of dst from offset (default: to its end) with byte,\n"
+     "with the same rules as rare_write()."},
     {NULL, NULL, 0, NULL},
 };
 

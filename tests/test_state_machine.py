@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
+    initialize,
     invariant,
     multiple,
     precondition,
@@ -201,10 +202,18 @@ class PrmemMachine(RuleBasedStateMachine):
 
     # -------------------------------------------------------------- pools
 
+    @initialize(target=pools, mode=st.sampled_from(Mode), refill=st.integers(1, 3 * PAGE),
+                align_order=st.integers(0, 6))
+    def create_first_pool(self, mode, refill, align_order):
+        return self._new_pool(mode, refill, align_order)
+
     @precondition(lambda self: sum(not p.destroyed for p in self.all_pools) < MAX_POOLS)
     @rule(target=pools, mode=st.sampled_from(Mode), refill=st.integers(1, 3 * PAGE),
           align_order=st.integers(0, 6))
     def create_pool(self, mode, refill, align_order):
+        return self._new_pool(mode, refill, align_order)
+
+    def _new_pool(self, mode, refill, align_order):
         self.counter += 1
         pool = prmem.Pool(mode, name=f"sm{self.counter}", refill=refill,
                           align_order=align_order)
@@ -580,7 +589,7 @@ class PrmemMachine(RuleBasedStateMachine):
 
 PrmemMachine.TestCase.settings = settings(
     max_examples=300,
-    stateful_step_count=30,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

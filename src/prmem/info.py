@@ -35,6 +35,9 @@ def describe() -> List[str]:
         mark = "yes" if name in prmem.features else "no "
         lines.append(f"  [{mark}] {name:<24} {note}")
     lines.append("caveats:")
+    if "memfd" not in prmem.features:
+        lines.append("  ! no memfd_create(): pools are backed by unnamed /dev/shm files, which "
+                     "cannot be sealed; READ_ONLY memory is protected by the MMU only")
     if "memfd_seal_future_write" not in prmem.features:
         lines.append("  ! no F_SEAL_FUTURE_WRITE: READ_ONLY memory is write-protected by the "
                      "MMU but code that can call mprotect() can make it writable again")

@@ -223,22 +223,10 @@ class Pool(_core.Pool):
                 f"allocations={raw['allocations']} areas={raw['areas']}>")
 
 
-def rare_write(dst: Allocation, data: Any, offset: int = 0) -> None:
-    """Write bytes-like ``data`` into allocation ``dst`` at ``offset``.
-
-    Works on WRITE_RARE (and still-WRITABLE) memory of pools whose mode has
-    write-rare.  The bytes go through the pool's memfd: the memory is never
-    mapped writable.  Raises ProtectionError on READ_ONLY memory or for
-    RO/AUTO_RO pools, ValueError if the range is not inside ``dst``.
-    """
-    _core.rare_write(dst, data, offset)
-
-
-def rare_memset(dst: Allocation, byte: int, offset: int = 0,
-                length: Optional[int] = None) -> None:
-    """Fill ``length`` bytes of ``dst`` from ``offset`` (default: to its end)
-    with ``byte``, with the same rules as :func:`rare_write`."""
-    _core.rare_memset(dst, byte, offset, length)
+# The module-level write-rare functions are the C functions themselves: no
+# Python frame on the hot path (their docstrings are in csrc/module.c).
+rare_write = _core.rare_write
+rare_memset = _core.rare_memset
 
 
 _open_sessions = threading.local()
