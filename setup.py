@@ -30,6 +30,7 @@ setup(
                 "csrc/areas.c",
                 "csrc/allocator.c",
                 "csrc/rare.c",
+                "csrc/fault.c",
             ],
             depends=["csrc/prmem.h"],
             extra_compile_args=extra_compile_args,

@@ -232,6 +232,7 @@ chunk_new(PoolObject *pool, size_t size)
     ch->fd = fd;
     ch->sealed = 0;
     ch->msealed = 0;
+    prmem_fault_register(pool, base, size);
     return 0;
 }
 
@@ -308,6 +309,8 @@ prmem_area_open(PoolObject *pool, size_t need)
     pool->nareas++;
     pool->cur_area = (Py_ssize_t)(pool->nareas - 1);
     pool->cur_off = 0;
+    if (state != PRMEM_WRITABLE)
+        prmem_fault_protected();
 
     /* AUTO modes: the area we leave is write-protected now.  An AUTO_RO
      * area is READ_ONLY for the MMU at once; the seal that makes it
@@ -318,6 +321,7 @@ prmem_area_open(PoolObject *pool, size_t need)
             if (mprotect(old->start, old->size, PROT_READ) < 0)
                 return prmem_set_oserror("mprotect", errno);
             old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
+            prmem_fault_protected();
         }
     }
     return 0;
@@ -365,6 +369,8 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
         ch->size = ch->used;
     }
     ch->sealed = 1;
+    prmem_fault_sealed(ch->base, ch->size);
+    prmem_fault_protected();
     for (size_t i = 0; i < pool->nareas; i++) {
         if (pool->areas[i].chunk == ci)
             pool->areas[i].state = PRMEM_READ_ONLY;
@@ -410,6 +416,7 @@ prmem_make_write_rare(PoolObject *pool)
             return prmem_set_oserror("mprotect", errno);
         for (size_t k = i; k < j; k++)
             pool->areas[k].state = PRMEM_WRITE_RARE;
+        prmem_fault_protected();
         i = j;
     }
     prmem_close_current_area(pool);
@@ -504,8 +511,14 @@ prmem_pool_release(PoolObject *pool)
             close(ch->fd);
             ch->fd = -1;
         }
-        if (!ch->msealed && ch->size > 0)
-            munmap(ch->base, ch->size);
+        if (ch->msealed) {
+            prmem_fault_orphan(ch->base);
+        }
+        else {
+            prmem_fault_unregister(ch->base);
+            if (ch->size > 0)
+                munmap(ch->base, ch->size);
+        }
     }
     PyMem_Free(pool->chunks);
     PyMem_Free(pool->areas);

@@ -85,6 +85,10 @@ static PyMethodDef module_methods[] = {
      "rare_memset(dst, byte, offset=0, length=None) -> None\n\n"
      "Fill length bytes of dst from offset (default: to its end) with byte,\n"
      "with the same rules as rare_write()."},
+    {"fault_report", (PyCFunction)(void (*)(void))prmem_fault_report, METH_FASTCALL,
+     "fault_report(enabled=None) -> bool\n\n"
+     "Switch the report printed when native code writes to protected prmem\n"
+     "memory on or off; returns the previous setting (None: just query)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -180,6 +180,15 @@ PRMEM_INTERNAL PyObject *prmem_module_rare_write(PyObject *module, PyObject *con
 PRMEM_INTERNAL PyObject *prmem_module_rare_memset(PyObject *module, PyObject *const *args,
                                                   Py_ssize_t nargs, PyObject *kwnames);
 
+/* fault.c: the fault report's registry of chunk ranges and its handler. */
+PRMEM_INTERNAL void prmem_fault_register(PoolObject *pool, char *start, size_t size);
+PRMEM_INTERNAL void prmem_fault_sealed(char *start, size_t size);
+PRMEM_INTERNAL void prmem_fault_orphan(char *start);
+PRMEM_INTERNAL void prmem_fault_unregister(char *start);
+PRMEM_INTERNAL void prmem_fault_protected(void);
+PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+
 /* module.c */
 PRMEM_INTERNAL PyModuleDef *prmem_moduledef_ptr(void);
 

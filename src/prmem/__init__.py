@@ -16,6 +16,7 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - Linux only
     )
 
 from . import _core
+from ._core import fault_report
 from .errors import PoolDestroyedError, PrmemError, ProtectionError, UnsupportedError
 from .pool import (
     Allocation,
@@ -54,6 +55,7 @@ __all__ = [
     "RareWriteSession",
     "State",
     "UnsupportedError",
+    "fault_report",
     "features",
     "mark_init_done",
     "page_size",

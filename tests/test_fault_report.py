@@ -1,0 +1,106 @@
+"""The report printed when native code writes to protected prmem memory."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import prmem
+from conftest import run_child
+
+WRITER = """
+pool = Pool(Mode.{mode}, name="policy")
+a = pool.alloc(64)
+b = pool.alloc(16)
+b.write(b"original")
+pool.protect()
+{before}
+def stray_writer():
+    native_write(b, b"evil")  # the offending line
+stray_writer()
+print("SURVIVED")
+"""
+
+
+def _line_of(source: str, marker: str) -> int:
+    from conftest import CHILD_PRELUDE
+    full = (CHILD_PRELUDE + source).splitlines()
+    return next(i for i, line in enumerate(full, 1) if marker in line)
+
+
+@pytest.mark.parametrize("mode, state", [("RO", "READ_ONLY"), ("WR", "WRITE_RARE")])
+def test_report_names_pool_state_address_and_python_line(mode, state):
+    code = WRITER.format(mode=mode, before="print(hex(b.address), flush=True)")
+    proc = run_child(code)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "SURVIVED" not in proc.stdout
+    err = proc.stderr
+    assert "prmem: fatal write to protected memory" in err
+    assert "pool: 'policy'" in err
+    assert f"mode: {mode}" in err
+    assert f"area state: {state}" in err
+    address = proc.stdout.split()[0]
+    assert f"address: {address}" in err
+    assert "offset in pool: 0x40" in err  # b sits right after the 64-byte a
+    line = _line_of(code, "# the offending line")
+    assert f'File "<string>", line {line} in stray_writer' in err
+
+
+@pytest.mark.parametrize("before", [
+    # faulthandler first, then prmem protects: prmem goes on top
+    "",
+    # faulthandler enabled after the handler went in: fault_report(True)
+    # puts the report back in front
+    "import faulthandler; faulthandler.enable(); prmem.fault_report(True)",
+])
+def test_report_chains_to_faulthandler(before):
+    code = WRITER.format(mode="RO", before=before)
+    if not before:
+        code = "import faulthandler; faulthandler.enable()\n" + code
+    proc = run_child(code)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: 'policy'" in proc.stderr
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "in stray_writer" in proc.stderr
+    # the report comes before faulthandler's traceback, once
+    assert proc.stderr.count("fatal write to protected memory") == 1
+    assert proc.stderr.index("pool: 'policy'") < proc.stderr.index("Fatal Python error")
+
+
+def test_faults_outside_prmem_pass_through_unchanged():
+    proc = run_child("""
+pool = Pool(Mode.RO, name="policy")
+pool.alloc(8)
+pool.protect()
+ctypes.memmove(8, b"x", 1)   # NULL-page write: not prmem memory
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "prmem" not in proc.stderr
+
+
+def test_report_can_be_switched_off():
+    proc = run_child(WRITER.format(mode="RO", before="assert prmem.fault_report(False) is True"))
+    assert proc.returncode == -signal.SIGSEGV
+    assert "prmem" not in proc.stderr
+
+
+def test_report_is_off_until_something_is_protected():
+    # No protected area yet: the process's SIGSEGV disposition is untouched.
+    proc = run_child("""
+pool = Pool(Mode.RO, name="policy")
+a = pool.alloc(8)
+import signal as s
+print(s.getsignal(s.SIGSEGV) == s.SIG_DFL)
+""")
+    assert proc.stdout.split() == ["True"]
+
+
+def test_fault_report_query_and_toggle():
+    previous = prmem.fault_report()
+    try:
+        assert prmem.fault_report(False) == previous
+        assert prmem.fault_report() is False
+        assert prmem.fault_report(True) is False
+        assert prmem.fault_report() is True
+    finally:
+        prmem.fault_report(previous)
