@@ -224,12 +224,14 @@ state_from_type(PyTypeObject *type)
 static int
 Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mode", "name", "refill", "align_order", "seal", "section", NULL};
-    int mode, align_order, seal = 0, section = 0;
+    static char *kwlist[] = {"mode",   "name",     "refill", "align_order", "seal",
+                             "section", "secret", "dontdump", "lock",      NULL};
+    int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0;
     PyObject *name;
     Py_ssize_t refill;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|pp:Pool", kwlist, &mode, &name,
-                                     &refill, &align_order, &seal, &section))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|ppppp:Pool", kwlist, &mode, &name,
+                                     &refill, &align_order, &seal, &section, &secret,
+                                     &dontdump, &lock))
         return -1;
     prmem_module_state *st = state_from_type(Py_TYPE(self));
     if (st == NULL)
@@ -258,17 +260,31 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "pool name must not contain NUL");
         return -1;
     }
+    if (secret && !(prmem_features & PRMEM_FEAT_MEMFD_SECRET)) {
+        PyErr_SetString(st->UnsupportedError,
+                        "secret pools need memfd_secret(), which this kernel does not "
+                        "provide (Linux >= 5.14, enabled by default since 6.5; "
+                        "'memfd_secret' is missing from prmem.features)");
+        return -1;
+    }
     POOL_LOCK(self);
     if (self->ready) {
         POOL_UNLOCK(self);
         PyErr_SetString(PyExc_RuntimeError, "prmem pool is already initialised");
         return -1;
     }
+    static unsigned long long next_serial = 1;
+    self->serial = __atomic_fetch_add(&next_serial, 1, __ATOMIC_RELAXED);
     self->mstate = st;
     self->mode = mode;
     self->align_order = align_order;
     self->seal = seal;
     self->section = section;
+    self->secret = secret;
+    /* memfd_secret memory is always locked and never dumped */
+    self->dontdump = dontdump || secret;
+    self->mlock_areas = lock && !secret;
+    self->lock_requested = lock || secret;
     self->refill = ((size_t)refill + prmem_page_size - 1) & ~(prmem_page_size - 1);
     self->next_chunk_size = (size_t)16 << 20;
     Py_INCREF(name);
@@ -361,7 +377,7 @@ Pool_strdup(PoolObject *self, PyObject *data)
     if (memchr(src, 0, (size_t)len) != NULL)
         PyErr_SetString(PyExc_ValueError, "strdup(): embedded NUL byte");
     else
-        result = pool_allocate(self, (size_t)len + 1, 0, src, (size_t)len);
+        result = pool_allocate(self, (size_t)len + 1, self->align_order, src, (size_t)len);
     if (buf.obj != NULL)
         PyBuffer_Release(&buf);
     return result;
@@ -474,8 +490,7 @@ Pool_stats(PoolObject *self, PyObject *unused)
     size_t by_state[PRMEM_NSTATES] = {0, 0, 0};
     size_t mapped = 0, reserved = 0, sealed_chunks = 0, free_bytes = 0;
     POOL_LOCK(self);
-    if (!self->ready) {
-        prmem_check_usable(self);
+    if (prmem_check_usable(self) < 0) {
         POOL_UNLOCK(self);
         Py_DECREF(d);
         return NULL;
@@ -494,15 +509,17 @@ Pool_stats(PoolObject *self, PyObject *unused)
         self->nallocs, self->nareas, self->nchunks, sealed_chunks,
         self->bytes_requested, mapped, reserved, self->bytes_lost, free_bytes,
         by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
-        (size_t)self->exports, (size_t)self->wexports, (size_t)self->destroyed,
-        (size_t)self->mode,
+        (size_t)self->exports, (size_t)self->wexports, (size_t)self->mode,
+        (size_t)self->secret, (size_t)self->dontdump, (size_t)self->lock_requested,
+        (size_t)self->seal,
     };
     POOL_UNLOCK(self);
     static const char *keys[] = {
         "allocations", "areas", "chunks", "sealed_chunks",
         "bytes_requested", "bytes_mapped", "bytes_reserved", "bytes_lost_to_protection",
         "bytes_free", "areas_writable", "areas_write_rare", "areas_read_only",
-        "buffer_views", "writable_buffer_views", "destroyed", "mode",
+        "buffer_views", "writable_buffer_views", "mode",
+        "secret", "dontdump", "locked", "seal",
     };
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
         if (dict_set_size(d, keys[i], vals[i]) < 0) {
@@ -533,6 +550,13 @@ Pool_get_destroyed(PoolObject *self, void *closure)
 {
     (void)closure;
     return PyBool_FromLong(self->destroyed);
+}
+
+static PyObject *
+Pool_get_serial(PoolObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->serial);
 }
 
 static PyObject *
@@ -601,6 +625,8 @@ static PyGetSetDef Pool_getset[] = {
     {"name", (getter)Pool_get_name, NULL, "The pool's name (shown in /proc/PID/maps).", NULL},
     {"_mode", (getter)Pool_get_mode, NULL, "The pool's mode as an int.", NULL},
     {"destroyed", (getter)Pool_get_destroyed, NULL, "True once destroy() ran.", NULL},
+    {"serial", (getter)Pool_get_serial, NULL,
+     "A number identifying this pool, unique for the life of the process.", NULL},
     {"seal", (getter)Pool_get_seal, NULL, "True if READ_ONLY areas are also mseal()ed.", NULL},
     {"init_done", (getter)Pool_get_init_done, NULL,
      "Sections: True once prmem.mark_init_done() protected it.", NULL},

@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -58,6 +60,59 @@
 PRMEM_INTERNAL size_t prmem_page_size;
 PRMEM_INTERNAL int prmem_page_shift;
 PRMEM_INTERNAL unsigned prmem_features;
+PRMEM_INTERNAL int prmem_enforce = 1;
+
+#ifndef MADV_DONTDUMP
+#define MADV_DONTDUMP 16
+#endif
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 0x01
+#endif
+#if !defined(SYS_mlock2) && defined(__x86_64__)
+#define SYS_mlock2 325
+#endif
+
+/* PRMEM_ENFORCE=0 (or false/no/off) turns MMU protection off for debugging
+ * with tools that dislike protected pages; anything else enforces. */
+PRMEM_INTERNAL int
+prmem_read_enforce(void)
+{
+    const char *v = getenv("PRMEM_ENFORCE");
+    if (v == NULL)
+        return 1;
+    return !(strcmp(v, "0") == 0 || strcasecmp(v, "false") == 0 || strcasecmp(v, "no") == 0 ||
+             strcasecmp(v, "off") == 0);
+}
+
+/* mprotect() that becomes a no-op when enforcement is off; callers keep
+ * their state changes either way, so the API behaves identically. */
+static int
+protect_range(void *addr, size_t len, int prot)
+{
+    if (!prmem_enforce)
+        return 0;
+    return mprotect(addr, len, prot);
+}
+
+static int
+set_memlock_error(PoolObject *pool, const char *what, size_t size, int err)
+{
+    struct rlimit lim;
+    char limit[64] = "unknown";
+    if (getrlimit(RLIMIT_MEMLOCK, &lim) == 0) {
+        if (lim.rlim_cur == RLIM_INFINITY)
+            snprintf(limit, sizeof(limit), "unlimited");
+        else
+            snprintf(limit, sizeof(limit), "%llu bytes", (unsigned long long)lim.rlim_cur);
+    }
+    PyErr_Format(PyExc_MemoryError,
+                 "prmem pool %R: cannot lock %zu more bytes in memory for %s (%s): locked "
+                 "memory is limited by RLIMIT_MEMLOCK (now %s); raise it with `ulimit -l`, "
+                 "LimitMEMLOCK= in systemd or /etc/security/limits.conf, or make the pool "
+                 "smaller",
+                 pool->name, size, what, strerror(err), limit);
+    return -1;
+}
 
 /* Largest reservation prmem makes for one chunk when it picks the size
  * itself; a single larger request still gets a chunk of its own size. */
@@ -191,22 +246,42 @@ chunk_new(PoolObject *pool, size_t size)
      * fallback is an unnamed tmpfs file: pwrite() and shared mappings work
      * the same, but it cannot be sealed, so READ_ONLY is enforced by the
      * MMU only (prmem.features lacks "memfd"; prmem info says so). */
-    int memfd = (prmem_features & PRMEM_FEAT_MEMFD) != 0;
-    int fd = memfd ? sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)
-                   : open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
+    int kind = pool->secret ? PRMEM_BACKING_SECRET
+               : (prmem_features & PRMEM_FEAT_MEMFD) ? PRMEM_BACKING_MEMFD
+                                                     : PRMEM_BACKING_TMPFILE;
+    static const char *const calls[] = {"memfd_create", "open(/dev/shm, O_TMPFILE)",
+                                        "memfd_secret"};
+    int fd;
+    if (kind == PRMEM_BACKING_MEMFD)
+        fd = sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    else if (kind == PRMEM_BACKING_TMPFILE)
+        fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
+    else {
+#ifdef SYS_memfd_secret
+        fd = (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
+#else
+        fd = -1;
+        errno = ENOSYS;
+#endif
+    }
     if (fd < 0) {
         int err = errno;
-        const char *call = memfd ? "memfd_create" : "open(/dev/shm, O_TMPFILE)";
         if (err == EMFILE || err == ENFILE || err == ENOMEM)
-            return set_nomemory(pool, size, call, err);
-        if (!memfd) {
+            return set_nomemory(pool, size, calls[kind], err);
+        if (kind == PRMEM_BACKING_TMPFILE) {
             PyErr_Format(pool->mstate->UnsupportedError,
                          "this kernel has no memfd_create() and no O_TMPFILE on /dev/shm "
                          "(%s); prmem has no way to back protected memory",
                          strerror(err));
             return -1;
         }
-        return prmem_set_oserror(call, err);
+        if (kind == PRMEM_BACKING_SECRET && (err == ENOSYS || err == EINVAL)) {
+            PyErr_Format(pool->mstate->UnsupportedError,
+                         "memfd_secret() failed (%s): this kernel cannot back secret pools",
+                         strerror(err));
+            return -1;
+        }
+        return prmem_set_oserror(calls[kind], err);
     }
     if (ftruncate(fd, (off_t)size) < 0) {
         int err = errno;
@@ -216,15 +291,20 @@ chunk_new(PoolObject *pool, size_t size)
         return prmem_set_oserror("ftruncate", err);
     }
     /* PROT_NONE reservation; MAP_NORESERVE because nothing is committed
-     * until an area is opened and touched. */
+     * until an area is opened and touched.  memfd_secret() mappings are
+     * locked as a whole, so secret chunks are exactly one area long. */
     void *base = mmap(NULL, size, PROT_NONE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (base == MAP_FAILED) {
         int err = errno;
         close(fd);
+        if (kind == PRMEM_BACKING_SECRET && err == EAGAIN)
+            return set_memlock_error(pool, "memfd_secret memory", size, err);
         if (err == ENOMEM || err == EOVERFLOW || err == EINVAL)
             return set_nomemory(pool, size, "mmap", err);
         return prmem_set_oserror("mmap", err);
     }
+    if (pool->dontdump)
+        madvise(base, size, MADV_DONTDUMP);
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
     ch->base = base;
     ch->size = size;
@@ -232,8 +312,23 @@ chunk_new(PoolObject *pool, size_t size)
     ch->fd = fd;
     ch->sealed = 0;
     ch->msealed = 0;
+    ch->kind = kind;
     prmem_fault_register(pool, base, size);
     return 0;
+}
+
+/* Lock pages as they are touched (MLOCK_ONFAULT), so a large area does not
+ * have to be populated up front; plain mlock() where mlock2 is missing. */
+static int
+lock_range(void *addr, size_t len)
+{
+#ifdef SYS_mlock2
+    if (syscall(SYS_mlock2, addr, len, (unsigned long)MLOCK_ONFAULT) == 0)
+        return 0;
+    if (errno != ENOSYS && errno != EINVAL)
+        return -1;
+#endif
+    return mlock(addr, len);
 }
 
 static size_t
@@ -281,7 +376,7 @@ prmem_area_open(PoolObject *pool, size_t need)
     prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
     if (ch == NULL || ch->sealed || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
-        if (chunk_size < pool->next_chunk_size)
+        if (chunk_size < pool->next_chunk_size && !pool->secret)
             chunk_size = pool->next_chunk_size;
         if (chunk_new(pool, chunk_size) < 0)
             return -1;
@@ -292,12 +387,17 @@ prmem_area_open(PoolObject *pool, size_t need)
 
     char *start = ch->base + ch->used;
     int state = pool->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
-    int prot = state == PRMEM_WRITABLE ? PROT_READ | PROT_WRITE : PROT_READ;
+    int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE : PROT_READ;
     if (mprotect(start, area_size, prot) < 0) {
         int err = errno;
         if (err == ENOMEM)
             return set_nomemory(pool, area_size, "mprotect", err);
         return prmem_set_oserror("mprotect", err);
+    }
+    if (pool->mlock_areas && lock_range(start, area_size) < 0) {
+        int err = errno;
+        mprotect(start, area_size, PROT_NONE); /* leave the pool as it was */
+        return set_memlock_error(pool, "lock=True", area_size, err);
     }
     ch->used += area_size;
     prmem_area *area = &pool->areas[pool->nareas];
@@ -318,7 +418,7 @@ prmem_area_open(PoolObject *pool, size_t need)
     if (auto_mode && prev >= 0) {
         prmem_area *old = &pool->areas[prev];
         if (old->state == PRMEM_WRITABLE) {
-            if (mprotect(old->start, old->size, PROT_READ) < 0)
+            if (protect_range(old->start, old->size, PROT_READ) < 0)
                 return prmem_set_oserror("mprotect", errno);
             old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
             prmem_fault_protected();
@@ -355,27 +455,37 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
     if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
         prmem_close_current_area(pool);
 
+    if (!prmem_enforce)
+        goto mark; /* same states, no seals: nothing is protected */
     int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
     if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
         seals |= F_SEAL_FUTURE_WRITE;
-    if ((prmem_features & PRMEM_FEAT_MEMFD) && fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
+    if (ch->kind == PRMEM_BACKING_MEMFD && fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
         return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
-    if (ch->used > 0 &&
-        mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) == MAP_FAILED)
-        return prmem_set_oserror("mmap", errno);
+    if (ch->used > 0) {
+        if (mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) == MAP_FAILED)
+            return prmem_set_oserror("mmap", errno);
+        /* the new mapping starts without the old one's advice and locks */
+        if (pool->dontdump)
+            madvise(ch->base, ch->used, MADV_DONTDUMP);
+        if (pool->mlock_areas && lock_range(ch->base, ch->used) < 0)
+            return set_memlock_error(pool, "lock=True", ch->used, errno);
+    }
     if (ch->size > ch->used) {
         if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
             return prmem_set_oserror("munmap", errno);
         ch->size = ch->used;
     }
+mark:
     ch->sealed = 1;
     prmem_fault_sealed(ch->base, ch->size);
-    prmem_fault_protected();
+    if (prmem_enforce)
+        prmem_fault_protected();
     for (size_t i = 0; i < pool->nareas; i++) {
         if (pool->areas[i].chunk == ci)
             pool->areas[i].state = PRMEM_READ_ONLY;
     }
-    if (pool->seal && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
+    if (pool->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
         if (sys_mseal(ch->base, ch->used) < 0)
             return prmem_set_oserror("mseal", errno);
         ch->msealed = 1;
@@ -412,7 +522,8 @@ prmem_make_write_rare(PoolObject *pool)
             end += pool->areas[j].size;
             j++;
         }
-        if (mprotect(pool->areas[i].start, (size_t)(end - pool->areas[i].start), PROT_READ) < 0)
+        if (protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
+                          PROT_READ) < 0)
             return prmem_set_oserror("mprotect", errno);
         for (size_t k = i; k < j; k++)
             pool->areas[k].state = PRMEM_WRITE_RARE;
@@ -420,6 +531,31 @@ prmem_make_write_rare(PoolObject *pool)
         i = j;
     }
     prmem_close_current_area(pool);
+    return 0;
+}
+
+static size_t round_up_pages(size_t n);
+
+/*
+ * memfd_secret() files have no write(): a rare write maps the touched pages
+ * writable at a second, fresh address for the duration of one copy, then
+ * unmaps them.  The pool's own mapping stays read-only throughout; the
+ * window is that other threads could write through the alias while it
+ * exists, if they knew its address (documented in docs/threat-model.md).
+ */
+static int
+secret_write(const prmem_chunk *ch, off_t off, const void *src, size_t n, int fill_byte)
+{
+    off_t first = off & ~(off_t)(prmem_page_size - 1);
+    size_t len = round_up_pages((size_t)(off - first) + n);
+    char *alias = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, ch->fd, first);
+    if (alias == MAP_FAILED)
+        return prmem_set_oserror("mmap (secret rare write)", errno);
+    if (src != NULL)
+        memcpy(alias + (off - first), src, n);
+    else
+        memset(alias + (off - first), fill_byte, n);
+    munmap(alias, len);
     return 0;
 }
 
@@ -440,6 +576,8 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
         return -1;
     }
     off_t off = (off_t)(dst - ch->base);
+    if (ch->kind == PRMEM_BACKING_SECRET)
+        return secret_write(ch, off, src, n, fill_byte);
     unsigned char fill[4096];
     if (src == NULL)
         memset(fill, fill_byte, sizeof(fill));
@@ -506,7 +644,8 @@ prmem_pool_release(PoolObject *pool)
     for (size_t ci = 0; ci < pool->nchunks; ci++) {
         prmem_chunk *ch = &pool->chunks[ci];
         if (ch->fd >= 0) {
-            if (!ch->sealed)
+            /* memfd_secret pages are zeroed by the kernel when freed */
+            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET)
                 zero_chunk_data(ch);
             close(ch->fd);
             ch->fd = -1;

@@ -136,6 +136,7 @@ module_exec(PyObject *module)
     prmem_page_size = (size_t)page;
     prmem_page_shift = __builtin_ctzl((unsigned long)page);
     prmem_features = prmem_probe_features();
+    prmem_enforce = prmem_read_enforce();
 
     if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
         add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0)
@@ -162,6 +163,11 @@ module_exec(PyObject *module)
         st->UnsupportedError == NULL)
         return -1;
 
+    PyObject *enforced = PyBool_FromLong(prmem_enforce);
+    if (PyModule_AddObject(module, "enforced", enforced) < 0) {
+        Py_DECREF(enforced);
+        return -1;
+    }
     if (PyModule_AddIntConstant(module, "page_size", page) < 0 ||
         PyModule_AddIntConstant(module, "page_shift", prmem_page_shift) < 0 ||
         PyModule_AddIntConstant(module, "MODE_RO", PRMEM_MODE_RO) < 0 ||

@@ -68,12 +68,20 @@ enum prmem_feature {
     PRMEM_FEAT_PKEYS = 1u << 4,
 };
 
+/* What backs a chunk. */
+enum prmem_backing {
+    PRMEM_BACKING_MEMFD = 0,   /* memfd_create(): sealable */
+    PRMEM_BACKING_TMPFILE = 1, /* O_TMPFILE on /dev/shm: no seals */
+    PRMEM_BACKING_SECRET = 2,  /* memfd_secret(): no seals, no pwrite */
+};
+
 typedef struct {
     char *base;   /* start of the reservation */
     size_t size;  /* bytes reserved (trimmed to `used` once sealed) */
     size_t used;  /* bytes carved into areas, from base */
     int fd;       /* backing memfd (O_RDWR; useless for writing once sealed) */
     int sealed;   /* every area in it is READ_ONLY, for good */
+    int kind;     /* enum prmem_backing */
     int msealed;  /* mseal()ed too: can never be unmapped */
 } prmem_chunk;
 
@@ -93,9 +101,14 @@ typedef struct {
     prmem_module_state *mstate; /* valid while the type (hence module) lives */
     int ready;
     int destroyed;
+    unsigned long long serial; /* unique for the life of the process, never reused */
     int mode;               /* enum prmem_mode */
     int align_order;        /* default alignment, log2 */
     int seal;               /* also mseal() READ_ONLY chunks */
+    int secret;             /* areas backed by memfd_secret() */
+    int dontdump;           /* MADV_DONTDUMP on every mapping */
+    int mlock_areas;        /* mlock() every area (memfd_secret locks by itself) */
+    int lock_requested;     /* lock=True or secret=True */
     int section;            /* ro_after_init / wr_after_init: never destroyed */
     int closed;             /* section after mark_init_done(): no allocations */
     size_t refill;          /* minimum area size, page-rounded */
@@ -138,6 +151,8 @@ struct prmem_module_state {
 extern PRMEM_INTERNAL size_t prmem_page_size;
 extern PRMEM_INTERNAL int prmem_page_shift;
 extern PRMEM_INTERNAL unsigned prmem_features;
+/* 0 when PRMEM_ENFORCE=0: states and checks as usual, pages never protected */
+extern PRMEM_INTERNAL int prmem_enforce;
 
 #define POOL_LOCK(p) pthread_mutex_lock(&(p)->lock)
 #define POOL_UNLOCK(p) pthread_mutex_unlock(&(p)->lock)
@@ -145,6 +160,7 @@ extern PRMEM_INTERNAL unsigned prmem_features;
 /* areas.c: syscalls, chunks and areas.  Callers hold pool->lock; functions
  * return 0, or -1 with a Python exception set. */
 PRMEM_INTERNAL unsigned prmem_probe_features(void);
+PRMEM_INTERNAL int prmem_read_enforce(void);
 PRMEM_INTERNAL int prmem_set_oserror(const char *syscall_name, int err);
 PRMEM_INTERNAL int prmem_area_open(PoolObject *pool, size_t need);
 PRMEM_INTERNAL int prmem_chunk_seal(PoolObject *pool, size_t ci);

@@ -38,6 +38,10 @@ from .pool import (
 #: ``"memfd_seal_future_write"``, ``"mseal"``, ``"memfd_secret"``, ``"pkeys"``.
 features: frozenset[str] = frozenset(_core.probe_features())
 
+#: False when PRMEM_ENFORCE=0 was set at import: pools then behave the same
+#: through the API, but pages are never write-protected (for debugging).
+enforced: bool = _core.enforced
+
 #: The system page size in bytes (the granularity of every protection).
 page_size: int = _core.page_size
 
@@ -55,6 +59,7 @@ __all__ = [
     "RareWriteSession",
     "State",
     "UnsupportedError",
+    "enforced",
     "fault_report",
     "features",
     "mark_init_done",

@@ -29,6 +29,9 @@ def describe() -> List[str]:
         f"prmem {prmem.__version__}",
         f"kernel: Linux {kernel_release()} ({os.uname().machine})",
         f"page size: {prmem.page_size} bytes",
+        "enforced: yes" if prmem.enforced else
+        "enforced: NO -- PRMEM_ENFORCE=0 is set: pools behave the same through the API, "
+        "but NO PAGE IS WRITE-PROTECTED in this process",
         "features:",
     ]
     for name, note in FEATURE_NOTES.items():
@@ -41,6 +44,11 @@ def describe() -> List[str]:
     if "memfd_seal_future_write" not in prmem.features:
         lines.append("  ! no F_SEAL_FUTURE_WRITE: READ_ONLY memory is write-protected by the "
                      "MMU but code that can call mprotect() can make it writable again")
+    if "memfd_secret" in prmem.features:
+        lines.append("  - secret pools (memfd_secret): READ_ONLY is enforced by the MMU, not by "
+                     "file seals (memfd_secret files cannot be sealed); use seal=True to make "
+                     "it permanent; rare writes briefly map the touched pages writable at a "
+                     "second, unpublished address")
     lines.append("  - WRITE_RARE memory is read-only to the MMU, but code running in this "
                  "process that calls mprotect() on it or pwrite() on the pool's memfd can "
                  "still change it; sealed READ_ONLY memory it cannot")

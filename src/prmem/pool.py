@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
+import sys
 import threading
 from typing import Any, Callable, Optional, Union
 
 from . import _core
-from .errors import ProtectionError
+from .errors import PrmemError, ProtectionError
 
 __all__ = [
     "Allocation",
@@ -112,7 +114,6 @@ class PoolStats:
 
     name: str
     mode: Mode
-    destroyed: bool
     allocations: int
     areas: int
     chunks: int
@@ -125,6 +126,10 @@ class PoolStats:
     areas_by_state: dict[State, int]
     buffer_views: int
     writable_buffer_views: int
+    secret: bool
+    dontdump: bool
+    locked: bool
+    seal: bool
 
 
 class Pool(_core.Pool):
@@ -141,6 +146,13 @@ class Pool(_core.Pool):
     pointer alignment).  With ``seal=True`` READ_ONLY memory is also
     ``mseal()``ed where the kernel has it: it can then never be unmapped, so
     it is only released when the process exits.
+
+    ``secret=True`` backs the pool with ``memfd_secret()`` (UnsupportedError
+    where the kernel lacks it): its pages leave the kernel's direct map, are
+    locked in memory, excluded from core dumps, and unreadable through
+    ``/proc/PID/mem``.  ``dontdump=True`` excludes a pool from core dumps;
+    ``lock=True`` locks its areas in memory.  Locked memory counts against
+    RLIMIT_MEMLOCK; exceeding it raises MemoryError naming that limit.
     """
 
     __slots__ = ()
@@ -153,14 +165,26 @@ class Pool(_core.Pool):
         refill: int = 65536,
         align_order: Optional[int] = None,
         seal: bool = False,
+        secret: bool = False,
+        dontdump: bool = False,
+        lock: bool = False,
     ) -> None:
         mode = _to_mode(mode)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         refill = _to_int(refill, "refill")
-        align_order = _POINTER_ALIGN_ORDER if align_order is None else _to_int(
-            align_order, "align_order")
-        super().__init__(int(mode), name, refill, align_order, bool(seal))
+        if refill <= 0:
+            raise ValueError(f"refill must be positive, got {refill}")
+        if refill > sys.maxsize - _core.page_size:
+            raise MemoryError(f"refill of {refill} bytes is larger than the address space")
+        if align_order is None:
+            align_order = _POINTER_ALIGN_ORDER
+        align_order = _to_int(align_order, "align_order")
+        if not 0 <= align_order <= _core.page_shift:
+            raise ValueError(f"align_order must be between 0 and {_core.page_shift} "
+                             f"(log2 of the page size), got {align_order}")
+        super().__init__(int(mode), name, refill, align_order, bool(seal), False,
+                         bool(secret), bool(dontdump), bool(lock))
 
     @property
     def mode(self) -> Mode:
@@ -168,12 +192,14 @@ class Pool(_core.Pool):
         return Mode(self._mode)
 
     def stats(self) -> PoolStats:
-        """Return a :class:`PoolStats` snapshot of the pool's counters."""
+        """Return a :class:`PoolStats` snapshot of the pool's counters.
+
+        Like every other method, raises PoolDestroyedError after destroy();
+        ``pool.destroyed`` tells whether it was destroyed."""
         raw = self._stats()
         return PoolStats(
             name=self.name,
             mode=Mode(raw["mode"]),
-            destroyed=bool(raw["destroyed"]),
             allocations=raw["allocations"],
             areas=raw["areas"],
             chunks=raw["chunks"],
@@ -190,6 +216,10 @@ class Pool(_core.Pool):
             },
             buffer_views=raw["buffer_views"],
             writable_buffer_views=raw["writable_buffer_views"],
+            secret=bool(raw["secret"]),
+            dontdump=bool(raw["dontdump"]),
+            locked=bool(raw["locked"]),
+            seal=bool(raw["seal"]),
         )
 
     def rare_write_session(self) -> RareWriteSession:
@@ -211,14 +241,12 @@ class Pool(_core.Pool):
                         "tied to this process")
 
     def __repr__(self) -> str:
-        if not hasattr(self, "_mode"):
-            return "<prmem.Pool (uninitialised)>"
+        if self.destroyed:
+            return f"<prmem.Pool {self.name!r} mode={self.mode.name} destroyed>"
         try:
             raw = self._stats()
         except Exception:
             return "<prmem.Pool (uninitialised)>"
-        if raw["destroyed"]:
-            return f"<prmem.Pool {self.name!r} mode={self.mode.name} destroyed>"
         return (f"<prmem.Pool {self.name!r} mode={self.mode.name} "
                 f"allocations={raw['allocations']} areas={raw['areas']}>")
 
@@ -330,18 +358,41 @@ def _ref_slot() -> Allocation:
     with _ref_pool_lock:
         if _ref_pool is None:
             _ref_pool = Pool(Mode.START_WR, name="protected_refs", refill=4096)
-        return _ref_pool.zalloc(8)
+        return _ref_pool.zalloc(_RECORD.size)
+
+
+# What a ProtectedRef records about its target: id() alone can be recycled
+# once an object dies, so prmem objects add what no other object can share:
+# a pool's serial (never reused), an allocation's address and its pool's
+# serial.
+_RECORD = struct.Struct("<QQQ")
+
+# slot address -> the target its record names (see ProtectedRef)
+_anchors: dict = {}
+
+
+def _identity(target: Any) -> bytes:
+    if isinstance(target, _core.Pool):
+        return _RECORD.pack(id(target), 1, target.serial)
+    if isinstance(target, Allocation):
+        return _RECORD.pack(id(target), target.address, target.pool.serial)
+    return _RECORD.pack(id(target), 0, id(type(target)))
 
 
 class ProtectedRef:
-    """A reference whose authoritative value lives in write-rare memory.
+    """A reference whose authoritative record lives in write-rare memory.
 
     The seeds' point: protecting data is not enough if the reference to it
     can be redirected to unprotected memory.  A ProtectedRef records the
-    identity of its target in a write-rare slot and changes it only with a
-    rare write; :meth:`get` checks the Python-side reference against the
-    protected slot and raises ProtectionError if they disagree, so a
-    corrupted reference is detected instead of followed.
+    identity of its target in a write-rare slot (for prmem pools and
+    allocations an identity that is never reused: the pool's serial number,
+    the allocation's address) and changes it only with a rare write;
+    :meth:`get` checks the Python-side reference against that record and
+    raises ProtectionError if they disagree, so a corrupted reference is
+    detected instead of followed.  For other objects the record is their
+    id() and type; the recorded target is also kept alive by a second,
+    internal reference, so its id cannot be recycled for an impostor while
+    the record names it.
     """
 
     __slots__ = ("_slot", "_target", "_lock", "__weakref__")
@@ -353,20 +404,31 @@ class ProtectedRef:
         self.set(target)
 
     def get(self) -> Any:
-        """Return the target, after checking it against the protected slot."""
+        """Return the target, after checking it against the protected record."""
         with self._lock:
             target = self._target
-            recorded = int.from_bytes(self._slot[0:8], "little")
-        if recorded != id(target):
+            recorded = bytes(self._slot)
+            try:
+                actual = _identity(target)
+            except PrmemError:  # e.g. an allocation of a destroyed pool
+                actual = b""
+        if recorded != actual:
             raise ProtectionError("ProtectedRef: the reference does not match its "
                                   "write-rare record; it has been tampered with")
         return target
 
     def set(self, target: Any) -> None:
         """Point the reference at ``target`` (one rare write)."""
+        record = _identity(target)
         with self._lock:
-            rare_write(self._slot, id(target).to_bytes(8, "little"))
+            rare_write(self._slot, record)
             self._target = target
+            _anchors[self._slot.address] = target
+
+    def __del__(self) -> None:
+        slot = getattr(self, "_slot", None)
+        if slot is not None:
+            _anchors.pop(slot.address, None)
 
     def __repr__(self) -> str:
         return f"<prmem.ProtectedRef to {type(self._target).__name__}>"

@@ -288,6 +288,11 @@ def run_selftest(verbose: bool = False) -> int:
     skipped = [s for s in scenarios if not s.requires <= prmem.features]
     print(f"prmem {prmem.__version__} selftest on Linux {kernel_release()}, "
           f"page size {prmem.page_size}, features: {', '.join(sorted(prmem.features)) or 'none'}")
+    if not prmem.enforced:
+        print("!" * 72)
+        print("! ENFORCEMENT IS OFF: PRMEM_ENFORCE=0 is set. Pools behave the same through")
+        print("! the API, but no page is write-protected: the protections below do NOT hold.")
+        print("!" * 72)
     for s in skipped:
         print(f"WARNING: not provable here, this kernel lacks "
               f"{', '.join(sorted(s.requires - prmem.features))}: {s.name}")
