@@ -31,6 +31,7 @@ setup(
                 "csrc/allocator.c",
                 "csrc/rare.c",
                 "csrc/fault.c",
+                "csrc/fork.c",
             ],
             depends=["csrc/prmem.h"],
             extra_compile_args=extra_compile_args,

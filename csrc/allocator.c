@@ -34,6 +34,14 @@ prmem_check_usable(PoolObject *pool)
                      "prmem pool %R has been destroyed", pool->name);
         return -1;
     }
+    if (pool->fork_errno) {
+        PyErr_Format(pool->mstate->PrmemError,
+                     "prmem pool %R is unusable in this forked child: its memory could "
+                     "not be copied privately (%s), so it was made inaccessible rather "
+                     "than shared with the parent",
+                     pool->name, strerror(pool->fork_errno));
+        return -1;
+    }
     return 0;
 }
 
@@ -291,6 +299,7 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     Py_SETREF(self->name, name);
     self->ready = 1;
     POOL_UNLOCK(self);
+    prmem_registry_add(self);
     return 0;
 }
 
@@ -300,6 +309,7 @@ Pool_dealloc(PoolObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
+    prmem_registry_remove(self);
     /* No allocation or buffer view can be alive: each holds a reference. */
     if (self->ready && !self->destroyed)
         prmem_pool_release(self);

@@ -575,6 +575,20 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
                      "prmem pool %R: memory is sealed read-only", pool->name);
         return -1;
     }
+    /* A source that overlaps the destination (a view of the same memory)
+     * must be staged first: the kernel copies into the page forwards, like
+     * memcpy, and so would a copy through the secret alias. */
+    if (src != NULL && (const char *)src < dst + n && dst < (const char *)src + n) {
+        void *staged = PyMem_Malloc(n);
+        if (staged == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(staged, src, n);
+        int rc = prmem_file_write(pool, area, dst, staged, n, fill_byte);
+        PyMem_Free(staged);
+        return rc;
+    }
     off_t off = (off_t)(dst - ch->base);
     if (ch->kind == PRMEM_BACKING_SECRET)
         return secret_write(ch, off, src, n, fill_byte);

@@ -137,6 +137,8 @@ module_exec(PyObject *module)
     prmem_page_shift = __builtin_ctzl((unsigned long)page);
     prmem_features = prmem_probe_features();
     prmem_enforce = prmem_read_enforce();
+    if (prmem_fork_init() < 0)
+        return -1;
 
     if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
         add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0)

@@ -95,7 +95,7 @@ typedef struct {
 
 typedef struct prmem_module_state prmem_module_state;
 
-typedef struct {
+typedef struct PoolObject {
     PyObject_HEAD
     pthread_mutex_t lock;
     prmem_module_state *mstate; /* valid while the type (hence module) lives */
@@ -127,6 +127,10 @@ typedef struct {
     Py_ssize_t exports;     /* buffer views alive, any kind */
     Py_ssize_t wexports;    /* writable buffer views alive */
     PyObject *weakreflist;
+    /* registry of live pools, for fork handling (fork.c) */
+    struct PoolObject *reg_prev, *reg_next;
+    int registered;
+    int fork_errno;         /* the child could not get a private copy */
 } PoolObject;
 
 typedef struct {
@@ -204,6 +208,11 @@ PRMEM_INTERNAL void prmem_fault_unregister(char *start);
 PRMEM_INTERNAL void prmem_fault_protected(void);
 PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
+
+/* fork.c: private copies of changeable memory in fork()ed children. */
+PRMEM_INTERNAL int prmem_fork_init(void);
+PRMEM_INTERNAL void prmem_registry_add(PoolObject *pool);
+PRMEM_INTERNAL void prmem_registry_remove(PoolObject *pool);
 
 /* module.c */
 PRMEM_INTERNAL PyModuleDef *prmem_moduledef_ptr(void);

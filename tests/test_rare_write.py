@@ -1323,3 +1323,23 @@ def test_policy_update_example_runs():
                             timeout=60, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "old policy still serving" in result.stdout
+
+
+@pytest.mark.parametrize("secret", [False, True])
+def test_rare_write_from_an_overlapping_view_of_the_same_memory(secret):
+    # Found by the state machine: pwrite (and a copy through the secret
+    # alias) copies forwards, so an overlapping source must be staged.
+    if secret and "memfd_secret" not in prmem.features:
+        pytest.skip("no memfd_secret")
+    pool = prmem.Pool(Mode.START_WR, name="overlap", secret=secret)
+    try:
+        a = pool.strdup(b"0123456789")
+        with memoryview(a) as view:
+            prmem.rare_write(a, view[0:6], 2)
+            prmem.rare_write(a, view[4:10], 1)
+        expected = bytearray(b"0123456789")
+        expected[2:8] = bytes(expected[0:6])
+        expected[1:7] = bytes(expected[4:10])
+        assert bytes(a) == bytes(expected) + b"\0"
+    finally:
+        pool.destroy()

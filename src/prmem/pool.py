@@ -451,15 +451,23 @@ def replace_pool(
     the new pool.  Readers must not keep allocations of the old pool past
     the swap; serialise them with your own lock if they may.
     """
+    old = ref.get()  # a tampered reference is refused before any work
     new = Pool(mode, name=name, refill=refill)
     try:
         build(new)
         new.protect()
     except BaseException:
-        new.destroy()
+        try:
+            new.destroy()
+        except BufferError:
+            pass  # views of it still alive: it goes when they do
         raise
-    old = ref.get()
     ref.set(new)
     if isinstance(old, Pool) and old is not new:
-        old.destroy()
+        try:
+            old.destroy()
+        except BufferError as e:
+            raise BufferError(f"replace_pool: the reference now points at the new pool, "
+                              f"but the old pool {old.name!r} could not be destroyed: {e}"
+                              ) from e
     return new

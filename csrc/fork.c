@@ -1,0 +1,214 @@
+/*
+ * Fork safety.  Pool memory is a MAP_SHARED mapping of a memory file, so
+ * after fork() parent and child would see each other's writes, plain and
+ * write-rare alike.  Ordinary memory does not behave that way, so in the
+ * child, right after fork() and before any other code runs, every chunk
+ * that can still change is given a private copy: a new memory file with
+ * the same contents, mapped at the same address with the same per-area
+ * protections.  Sealed READ_ONLY chunks can never change, for either
+ * process, and stay shared.
+ *
+ * The child handler runs in a process that may have been multi-threaded:
+ * it uses syscalls and plain C only, no Python API and no allocation.
+ * The prepare handler takes the registry lock and every pool lock, so the
+ * child inherits consistent tables and usable (unlocked) locks.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "prmem.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef MADV_DONTDUMP
+#define MADV_DONTDUMP 16
+#endif
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static PoolObject *registry_head;
+
+PRMEM_INTERNAL void
+prmem_registry_add(PoolObject *pool)
+{
+    pthread_mutex_lock(&registry_lock);
+    pool->reg_prev = NULL;
+    pool->reg_next = registry_head;
+    if (registry_head != NULL)
+        registry_head->reg_prev = pool;
+    registry_head = pool;
+    pool->registered = 1;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+PRMEM_INTERNAL void
+prmem_registry_remove(PoolObject *pool)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (pool->registered) {
+        if (pool->reg_prev != NULL)
+            pool->reg_prev->reg_next = pool->reg_next;
+        else
+            registry_head = pool->reg_next;
+        if (pool->reg_next != NULL)
+            pool->reg_next->reg_prev = pool->reg_prev;
+        pool->registered = 0;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void
+prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
+        pthread_mutex_lock(&p->lock);
+}
+
+static void
+unlock_all(void)
+{
+    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
+        pthread_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static int
+new_backing(int kind)
+{
+    if (kind == PRMEM_BACKING_MEMFD)
+        return (int)syscall(SYS_memfd_create, "prmem:forked", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (kind == PRMEM_BACKING_TMPFILE)
+        return open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
+#ifdef SYS_memfd_secret
+    return (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+static int
+copy_range(int fd, const char *base, off_t from, off_t to)
+{
+    while (from < to) {
+        ssize_t w = pwrite(fd, base + from, (size_t)(to - from), from);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        from += w;
+    }
+    return 0;
+}
+
+/* Copy what the chunk holds into fd.  Only ranges with data are copied
+ * (SEEK_DATA), so sparse areas stay sparse; memfd_secret files cannot be
+ * written or seeked that way and are copied through a temporary mapping. */
+static int
+copy_contents(const prmem_chunk *ch, int fd)
+{
+    if (ch->kind == PRMEM_BACKING_SECRET) {
+        if (ch->used == 0)
+            return 0;
+        char *dst = mmap(NULL, ch->used, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (dst == MAP_FAILED)
+            return -1;
+        memcpy(dst, ch->base, ch->used); /* every used page is readable */
+        munmap(dst, ch->used);
+        return 0;
+    }
+    off_t off = 0, end = (off_t)ch->used;
+    while (off < end) {
+        off_t data = lseek(ch->fd, off, SEEK_DATA);
+        if (data < 0 || data >= end)
+            break;
+        off_t hole = lseek(ch->fd, data, SEEK_HOLE);
+        if (hole < 0 || hole > end)
+            hole = end;
+        if (copy_range(fd, ch->base, data, hole) < 0)
+            return -1;
+        off = hole;
+    }
+    return 0;
+}
+
+/* Give the child its own copy of chunk ci; -1 on failure (errno set). */
+static int
+privatize_chunk(PoolObject *pool, size_t ci)
+{
+    prmem_chunk *ch = &pool->chunks[ci];
+    int fd = new_backing(ch->kind);
+    if (fd < 0)
+        return -1;
+    if (ftruncate(fd, (off_t)ch->size) < 0 || copy_contents(ch, fd) < 0)
+        goto fail;
+    /* Map the copy over the shared mapping at the same address, all
+     * PROT_NONE, then give each area back its protection. */
+    if (mmap(ch->base, ch->size, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fd, 0) ==
+        MAP_FAILED)
+        goto fail;
+    for (size_t i = 0; i < pool->nareas; i++) {
+        prmem_area *a = &pool->areas[i];
+        if (a->chunk != ci)
+            continue;
+        int writable = a->state == PRMEM_WRITABLE || !prmem_enforce;
+        if (mprotect(a->start, a->size, writable ? PROT_READ | PROT_WRITE : PROT_READ) < 0)
+            goto fail;
+    }
+    if (pool->dontdump)
+        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    if (pool->mlock_areas && ch->used > 0)
+        mlock(ch->base, ch->used);
+    close(ch->fd);
+    ch->fd = fd;
+    return 0;
+fail:
+    close(fd);
+    return -1;
+}
+
+static void
+child(void)
+{
+    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
+        if (!p->ready || p->destroyed)
+            continue;
+        for (size_t ci = 0; ci < p->nchunks; ci++) {
+            prmem_chunk *ch = &p->chunks[ci];
+            if (ch->sealed)
+                continue; /* immutable for both processes: sharing is safe */
+            if (privatize_chunk(p, ci) < 0) {
+                /* Fail closed: never leave the child writing into the
+                 * parent's memory.  The pool refuses use from now on. */
+                p->fork_errno = errno ? errno : EIO;
+                mprotect(ch->base, ch->size, PROT_NONE);
+            }
+        }
+    }
+    unlock_all();
+}
+
+PRMEM_INTERNAL int
+prmem_fork_init(void)
+{
+    static int done;
+    if (done)
+        return 0;
+    int rc = pthread_atfork(prepare, unlock_all, child);
+    if (rc != 0) {
+        prmem_set_oserror("pthread_atfork", rc);
+        return -1;
+    }
+    done = 1;
+    return 0;
+}
