@@ -102,6 +102,8 @@ class Scenario:
     code: str
     #: kernel features (prmem.features names) the claim depends on
     requires: frozenset = frozenset()
+    #: text the child's stderr must contain for the outcome to count
+    stderr_must: tuple = ()
 
 
 def _native(mode: str, setup: str = "pool, a = filled(Mode.{mode})") -> str:
@@ -223,6 +225,61 @@ outcome("written" if a[0] == ord("!") else "lost")
 """),
 ]
 
+_SECRET = frozenset({"memfd_secret"})
+
+SCENARIOS += [
+    # --- production features
+    Scenario("fault report names the pool, its state and the writer", "SIGSEGV", """
+pool, a = filled(Mode.RO, name="selftest-policy")
+def stray_writer():
+    native_write(a)
+armed()
+stray_writer()
+outcome("written")
+""", stderr_must=("pool: 'selftest-policy'", "area state: READ_ONLY", "in stray_writer")),
+    Scenario("secret pool: read via /proc/self/mem", "EIO", """
+pool = Pool(Mode.RO, name="selftest", secret=True)
+a = pool.alloc(32)
+a.write(b"key material")
+fd = os.open("/proc/self/mem", os.O_RDONLY)
+try:
+    os.pread(fd, 8, a.address)
+    outcome("read")
+except OSError as e:
+    outcome(errno_name(e.errno))
+""", requires=_SECRET),
+    Scenario("secret pool after protect(): native write", "SIGSEGV",
+             _native("RO", "pool = Pool(Mode.RO, name='selftest', secret=True)\n"
+                           "a = pool.alloc(32)\npool.protect()"), requires=_SECRET),
+    Scenario("secret WR pool: rare_write, mapping never writable", "written", """
+pool = Pool(Mode.WR, name="selftest", secret=True)
+a = pool.alloc(32)
+pool.protect()
+prmem.rare_write(a, b"!")
+page = a.address & ~(prmem.page_size - 1)
+perms = [l.split()[1] for l in open("/proc/self/maps")
+         if int(l.split("-")[0], 16) <= page < int(l.split()[0].split("-")[1], 16)]
+outcome("written" if a[0] == ord("!") and perms == ["r--s"] else "wrong: %r" % perms)
+""", requires=_SECRET),
+    Scenario("fork: each process sees only its own writes", "isolated", """
+pool, a = filled(Mode.WR)
+plain = pool.alloc(8)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    prmem.rare_write(a, b"child")
+    plain.write(b"child")
+    os.write(w, b".")
+    os._exit(0)
+os.read(r, 1)
+os.waitpid(pid, 0)
+prmem.rare_write(a, b"paren")
+outcome("isolated" if bytes(a[:8]) == b"parennal" and bytes(plain[:5]) == bytes(5)
+        else "shared: %r %r" % (bytes(a[:8]), bytes(plain[:5])))
+"""),
+]
+
+
 def _mseal_scenario() -> Scenario:
     return Scenario("seal=True pool after protect(): munmap", "EPERM", requires=frozenset({"mseal"}), code="""
 pool = Pool(Mode.RO, name="selftest", seal=True)
@@ -270,7 +327,11 @@ def run_scenario(scenario: Scenario, timeout: float = 60.0) -> Result:
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return Result(scenario, "timeout")
-    return Result(scenario, _classify(proc), proc.stderr.strip())
+    observed = _classify(proc)
+    missing = [text for text in scenario.stderr_must if text not in proc.stderr]
+    if missing:
+        observed += f" (stderr lacks {missing[0]!r})"
+    return Result(scenario, observed, proc.stderr.strip())
 
 
 def all_scenarios() -> List[Scenario]:
