@@ -132,5 +132,6 @@ def test_selftest_detects_a_protection_that_does_not_hold():
 
 def test_every_scenario_has_a_distinct_name():
     names = [s.name for s in all_scenarios()]
-    assert all(s.requires <= {'memfd', 'memfd_seal_future_write', 'mseal'} for s in all_scenarios())
+    assert all(s.requires <= {'memfd', 'memfd_seal_future_write', 'mseal', 'memfd_secret'}
+               for s in all_scenarios())
     assert len(names) == len(set(names))
