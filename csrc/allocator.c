@@ -19,14 +19,18 @@ prmem_state_name(int state)
     }
 }
 
+static prmem_module_state *state_from_type(PyTypeObject *type);
+
 /* With pool->lock held: refuse pools that were never initialised or are
  * destroyed. */
 PRMEM_INTERNAL int
 prmem_check_usable(PoolObject *pool)
 {
     if (!pool->ready) {
-        PyErr_SetString(pool->mstate ? pool->mstate->PrmemError : PyExc_RuntimeError,
-                        "prmem pool is not initialised (Pool.__init__ was not called)");
+        prmem_module_state *st = state_from_type(Py_TYPE(pool));
+        if (st != NULL)
+            PyErr_SetString(st->PrmemError,
+                            "prmem pool is not initialised (Pool.__init__ was not called)");
         return -1;
     }
     if (pool->destroyed) {
@@ -132,6 +136,8 @@ parse_alloc_kwargs(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 static PyObject *
 pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, size_t init_len)
 {
+    if (!self->ready)
+        return prmem_check_usable(self), NULL; /* mstate is not set yet */
     AllocationObject *obj = PyObject_New(AllocationObject, self->mstate->AllocationType);
     if (obj == NULL)
         return NULL;

@@ -765,3 +765,22 @@ def test_million_small_allocations_use_few_vmas(pool_factory):
     entries = maps_entries(name)
     assert 1 <= len(entries) <= 16, entries
     assert all(perms == "r--s" for _, _, perms in entries)
+
+
+def test_uninitialised_pool_raises_instead_of_crashing():
+    # Pool.__new__ without __init__: every method must refuse cleanly.
+    pool = prmem.Pool.__new__(prmem.Pool)
+    assert "uninitialised" in repr(pool)
+    for call in (lambda: pool.alloc(8), lambda: pool.zalloc(8), lambda: pool.calloc(1, 8),
+                 lambda: pool.strdup(b"x"), pool.protect, pool.destroy, pool.make_ro,
+                 pool.stats, lambda: pool.rare_write(None, b"x"),
+                 lambda: pool.rare_memset(None, 0)):
+        with pytest.raises(prmem.PrmemError):
+            call()
+    # and initialising it afterwards still works
+    prmem.Pool.__init__(pool, prmem.Mode.RO, name="late")
+    a = pool.alloc(8)
+    a.write(b"ok")
+    with pytest.raises(RuntimeError):
+        prmem.Pool.__init__(pool, prmem.Mode.RO, name="again")
+    pool.destroy()
