@@ -450,46 +450,63 @@ PRMEM_INTERNAL int
 prmem_chunk_seal(PoolObject *pool, size_t ci)
 {
     prmem_chunk *ch = &pool->chunks[ci];
+    int lock_errno = 0;
     if (ch->sealed)
         return 0;
     if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
         prmem_close_current_area(pool);
 
-    if (!prmem_enforce)
-        goto mark; /* same states, no seals: nothing is protected */
-    int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
-    if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
-        seals |= F_SEAL_FUTURE_WRITE;
-    if (ch->kind == PRMEM_BACKING_MEMFD && fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
-        return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
-    if (ch->used > 0) {
-        if (mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) == MAP_FAILED)
-            return prmem_set_oserror("mmap", errno);
-        /* the new mapping starts without the old one's advice and locks */
-        if (pool->dontdump)
-            madvise(ch->base, ch->used, MADV_DONTDUMP);
-        if (pool->mlock_areas && lock_range(ch->base, ch->used) < 0)
-            return set_memlock_error(pool, "lock=True", ch->used, errno);
-    }
-    if (ch->size > ch->used) {
-        if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
-            return prmem_set_oserror("munmap", errno);
-        ch->size = ch->used;
-    }
-mark:
-    ch->sealed = 1;
-    prmem_fault_sealed(ch->base, ch->size);
-    if (prmem_enforce)
-        prmem_fault_protected();
+    /* READ_ONLY in prmem's tables and for the MMU first: whatever fails
+     * below, no area that prmem believes writable is left behind a
+     * read-only mapping, and a failed seal can simply be retried. */
+    if (prmem_enforce && ch->used > 0 && mprotect(ch->base, ch->used, PROT_READ) < 0)
+        return prmem_set_oserror("mprotect", errno);
     for (size_t i = 0; i < pool->nareas; i++) {
         if (pool->areas[i].chunk == ci)
             pool->areas[i].state = PRMEM_READ_ONLY;
     }
+    if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD) {
+        int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+        if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
+            seals |= F_SEAL_FUTURE_WRITE;
+        if (fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
+            return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
+        /* Only a mapping made after F_SEAL_FUTURE_WRITE lacks the right to
+         * become writable again.  (Files that cannot be sealed gain
+         * nothing from a re-map, and memfd_secret would charge it twice
+         * against RLIMIT_MEMLOCK, so they keep their mprotect()ed one.) */
+        if (ch->used > 0) {
+            if (pool->mlock_areas)
+                munlock(ch->base, ch->used); /* so re-locking stays within the limit */
+            if (mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) ==
+                MAP_FAILED)
+                return prmem_set_oserror("mmap", errno);
+            /* the new mapping starts without the old one's advice and locks */
+            if (pool->dontdump)
+                madvise(ch->base, ch->used, MADV_DONTDUMP);
+            if (pool->mlock_areas && lock_range(ch->base, ch->used) < 0)
+                lock_errno = errno;
+        }
+    }
+    if (prmem_enforce && ch->size > ch->used) {
+        /* the unused tail's mapping predates the seal: it could be made
+         * writable, so it goes */
+        if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
+            return prmem_set_oserror("munmap", errno);
+        ch->size = ch->used;
+    }
+    ch->sealed = 1;
+    prmem_fault_sealed(ch->base, ch->size);
+    if (prmem_enforce)
+        prmem_fault_protected();
     if (pool->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
         if (sys_mseal(ch->base, ch->used) < 0)
             return prmem_set_oserror("mseal", errno);
         ch->msealed = 1;
     }
+    if (lock_errno)
+        return set_memlock_error(pool, "lock=True (sealed, but no longer locked)", ch->used,
+                                 lock_errno);
     return 0;
 }
 

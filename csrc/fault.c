@@ -18,6 +18,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -87,8 +88,22 @@ find_range(uintptr_t addr)
     return NULL;
 }
 
+/* 1 if the faulting access was a write, 0 a read, -1 unknown. */
+static int
+fault_was_write(void *context)
+{
+#if defined(__x86_64__) && defined(REG_ERR)
+    /* bit 1 of the page-fault error code: the access was a write */
+    ucontext_t *uc = (ucontext_t *)context;
+    return (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+    (void)context;
+    return -1;
+#endif
+}
+
 static void
-report(fault_range *r, uintptr_t addr)
+report(fault_range *r, uintptr_t addr, int si_code, int is_write)
 {
     /* The area tables are read without the pool lock: the process is about
      * to die, and a torn read only makes the state/offset "unknown". */
@@ -110,7 +125,13 @@ report(fault_range *r, uintptr_t addr)
             before += a->size;
         }
     }
-    put("\nprmem: fatal write to protected memory\n");
+    if (si_code == SEGV_MAPERR)
+        put("\nprmem: fatal access to prmem memory that is not mapped (unmapped by "
+            "native code, or a prmem bug)\n");
+    else if (is_write == 0)
+        put("\nprmem: fatal read of inaccessible prmem memory\n");
+    else
+        put("\nprmem: fatal write to protected memory\n");
     put("prmem:   pool: '");
     put(r->name);
     put("'  mode: ");
@@ -121,8 +142,11 @@ report(fault_range *r, uintptr_t addr)
     put_hex(addr);
     put(have_offset ? "  offset in pool: " : "  offset in chunk: ");
     put_hex(pool_offset);
-    put("\nprmem: the write was stopped by the MMU; the data is intact. "
-        "Python traceback of the writer follows.\n\n");
+    if (si_code == SEGV_ACCERR && is_write != 0)
+        put("\nprmem: the write was stopped by the MMU; the data is intact. "
+            "Python traceback of the writer follows.\n\n");
+    else
+        put("\nprmem: Python traceback follows.\n\n");
 }
 
 static void
@@ -155,7 +179,7 @@ segv_handler(int sig, siginfo_t *info, void *context)
                               : (previous_action.sa_handler != SIG_DFL &&
                                  previous_action.sa_handler != SIG_IGN);
     if (r != NULL) {
-        report(r, (uintptr_t)info->si_addr);
+        report(r, (uintptr_t)info->si_addr, info->si_code, fault_was_write(context));
         if (!prev_is_handler && dump_threads != NULL) {
             const char *err = dump_threads(STDERR_FILENO, NULL, NULL);
             if (err != NULL) {

@@ -38,7 +38,8 @@ class Mapping:
         if self.perms.startswith("rw"):
             return "WRITABLE"
         if self.perms.startswith("r"):
-            if "mw" in self.vmflags:
+            # mseal()ed ("sl") memory cannot be made writable whatever "mw" says
+            if "mw" in self.vmflags and "sl" not in self.vmflags:
                 return "read-only, not sealed (WRITE_RARE, or READ_ONLY until protect())"
             return "READ_ONLY, sealed"
         return "reserved (no access)"
