@@ -18,7 +18,7 @@ must be protected too, or an attacker would simply redirect it to forged,
 unprotected data.  prmem.ProtectedRef keeps that reference in write-rare
 memory and changes it with a single rare write.
 
-Run it:  PYTHONPATH=src python3 examples/policy_update.py
+Run it (with prmem installed):  python examples/policy_update.py
 """
 from __future__ import annotations
 
