@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -55,7 +54,8 @@ def batch_loop(stmt: str, names: Sequence[str] = (), label: str = "batch") -> Ca
     return _compile(src, label)
 
 
-def per_call_loop(stmt: str, names: Sequence[str] = (), label: str = "per-call") -> Callable[..., None]:
+def per_call_loop(stmt: str, names: Sequence[str] = (),
+                  label: str = "per-call") -> Callable[..., None]:
     """Return ``loop(n, out, *values)``: runs ``stmt`` n times and stores the
     duration of each run, in ns, in ``out[0:n]`` (an ``array('q')``).
 
@@ -173,8 +173,15 @@ def rss_bytes() -> int:
 def vma_count() -> int:
     """Number of memory mappings (VMAs) of this process: the lines of
     /proc/self/maps, the quantity vm.max_map_count limits."""
-    with open("/proc/self/maps", "rb") as f:
-        return f.read().count(b"\n")
+    count = 0
+    # Small reads: near the map-count limit a multi-megabyte buffer may
+    # itself need a new mapping, which the kernel would refuse.
+    with open("/proc/self/maps", "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(32768)
+            if not chunk:
+                return count
+            count += chunk.count(b"\n")
 
 
 def read_sysctl(path: str) -> Optional[str]:
@@ -264,7 +271,70 @@ def machine_info() -> Dict[str, Any]:
         "clocksource": read_sysctl(
             "/sys/devices/system/clocksource/clocksource0/current_clocksource"),
         "timer_overhead_ns": timer_overhead_ns(),
+        "loadavg_at_start": _loadavg(),
     }
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class CpuLoadProbe:
+    """How much CPU *other* processes used while we ran: busy time of all
+    CPUs (/proc/stat) minus this process's own CPU time, as a fraction of
+    the machine's capacity over the wall time.  0.0 is a quiet machine."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> Optional[tuple]:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal ...
+        busy = sum(fields[i] for i in (0, 1, 2, 5, 6) if i < len(fields)) / hz
+        own = sum(os.times()[:4])
+        return (busy, own, time.monotonic())
+
+    def other_load(self) -> Optional[float]:
+        end = self._read()
+        if self._start is None or end is None:
+            return None
+        busy = end[0] - self._start[0]
+        own = end[1] - self._start[1]
+        wall = end[2] - self._start[2]
+        cpus = len(usable_cpus()) or 1
+        if wall <= 0:
+            return None
+        return max(0.0, (busy - own) / (wall * cpus))
+
+
+def busy_processes(min_cpu_percent: float = 20.0) -> List[str]:
+    """Other processes with a high %CPU in ps (CPU time over their lifetime)
+    when the run ended, so a reader of the report can tell whether the
+    machine was quiet."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,comm", "--no-headers"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    busy = []
+    for line in out.stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0] != str(os.getpid()):
+            try:
+                if float(parts[1]) >= min_cpu_percent:
+                    busy.append(f"{parts[2]} (pid {parts[0]}, {parts[1]}% CPU)")
+            except ValueError:
+                continue
+    return busy
 
 
 def _int_or_none(text: Optional[str]) -> Optional[int]:
@@ -308,7 +378,7 @@ class BufferReader(threading.Thread):
         per_row_ns = max(best / probe_rows, 0.01)
         self.repeat = max(1, int(pass_ms * 1e6 / per_row_ns))
         self._view = as_strided(base, shape=(self.repeat, base.size), strides=(0, base.itemsize))
-        self.solo_pass_ns = min(self._time_once(self._view) for _ in range(2))
+        self.solo_pass_ns = 0  # measured by the thread itself, see run()
         self.bytes_per_pass = self.repeat * self.bytes_per_row
         self.passes = 0
         self._stop_event = threading.Event()
@@ -327,7 +397,9 @@ class BufferReader(threading.Thread):
                 os.sched_setaffinity(0, {self.cpu})
             view = self._view
             stop = self._stop_event
-            view.sum()
+            # Solo pass time, on this thread's CPU, while the caller waits
+            # for _running (nothing else of ours runs yet).
+            self.solo_pass_ns = min(self._time_once(view) for _ in range(2))
             self._running.set()
             while not stop.is_set():
                 view.sum()
@@ -338,10 +410,21 @@ class BufferReader(threading.Thread):
 
     def start_and_wait(self) -> None:
         self.start()
-        self._running.wait(timeout=10)
+        self._running.wait(timeout=60)
+        try:
+            self._cpu_clock: Optional[int] = time.pthread_getcpuclockid(self.ident)
+        except (AttributeError, OSError):  # pragma: no cover - Linux has it
+            self._cpu_clock = None
 
     def snapshot(self) -> tuple:
-        return (self.passes, perf_ns())
+        """(passes, wall ns, reader CPU ns or None), for :meth:`throughput`."""
+        cpu = None
+        if self._cpu_clock is not None:
+            try:
+                cpu = time.clock_gettime_ns(self._cpu_clock)
+            except OSError:
+                cpu = None
+        return (self.passes, perf_ns(), cpu)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -349,26 +432,27 @@ class BufferReader(threading.Thread):
         self._view = None
         self._base = None
 
-    def throughput(self, first: tuple, last: tuple) -> Dict[str, float]:
-        """Read throughput and duty between two snapshots.
+    def throughput(self, first: tuple, last: tuple) -> Dict[str, Optional[float]]:
+        """What the reader did between two snapshots.
 
-        ``duty`` is the time the passes made in the window would have taken
-        alone (calibrated before the run) divided by the window: about 1.0
-        when the reader ran unhindered, lower when it was slowed down or
-        waited for the GIL.
+        ``on_cpu``: the reader thread's CPU time / wall time, i.e. how much
+        of the window it was running (not waiting for the GIL or a CPU); a
+        running reader is what makes mprotect() interrupt its CPU.
+        ``speed``: passes made × their solo duration (calibrated before the
+        run) / wall time, i.e. its read rate relative to running alone.
         """
         passes = last[0] - first[0]
         elapsed = max(last[1] - first[1], 1)
+        on_cpu = None
+        if first[2] is not None and last[2] is not None:
+            on_cpu = (last[2] - first[2]) / elapsed
         return {
             "passes": passes,
             "read_GBps": passes * self.bytes_per_pass / elapsed,
-            "duty": passes * self.solo_pass_ns / elapsed,
+            "speed": passes * self.solo_pass_ns / elapsed,
+            "on_cpu": on_cpu,
             "pass_ms_solo": self.solo_pass_ns / 1e6,
         }
-
-
-def python_version_tuple() -> tuple:
-    return sys.version_info[:3]
 
 
 # ---------------------------------------------------------------- context

@@ -65,6 +65,11 @@ class Libc:
         self.mprotect = _fn(lib, "mprotect", c_int, [c_void_p, c_size_t, c_int], "libc")
         self.munmap = _fn(lib, "munmap", c_int, [c_void_p, c_size_t], "libc")
         self.memcpy = _fn(lib, "memcpy", c_void_p, [c_void_p, ctypes.c_char_p, c_size_t], "libc")
+        self.labs = _fn(lib, "labs", ctypes.c_long, [ctypes.c_long], "libc")
+        try:
+            self.malloc_trim = _fn(lib, "malloc_trim", c_int, [c_size_t], "libc")
+        except PeerUnavailable:  # not glibc
+            self.malloc_trim = None
 
     def map_page(self, size: int) -> int:
         addr = self.mmap(None, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
@@ -123,6 +128,22 @@ class OpenSSLSecureHeap:
         self.arena_bytes = arena_bytes
         if not initialized():
             raise PeerUnavailable("OpenSSL: the secure heap is not initialised")
+
+
+def ctypes_call_ns() -> Optional[float]:
+    """Median ns of one ctypes.PyDLL call to libc's labs(): the floor every
+    foreign call of a peer pays from Python, before the C work."""
+    from .harness import batch_loop, gc_paused, summarize
+
+    try:
+        libc = get("libc")
+    except PeerUnavailable:
+        return None
+    loop = batch_loop("f(1)", ["f"], label="ctypes floor")
+    with gc_paused():
+        loop(10_000, libc.labs)
+        samples = [loop(10_000, libc.labs) / 10_000 for _ in range(30)]
+    return summarize(samples)["median"]
 
 
 _cache: Dict[str, object] = {}

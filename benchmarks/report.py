@@ -61,7 +61,8 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 def targets_table(targets: List[Dict[str, Any]]) -> str:
     return md_table(
         ["ratio", "measured", "target", "met", "what it compares"],
-        [[t["name"], fmt_ratio(t.get("value")) if t.get("unit") != "ns" else fmt_num(t.get("value")) + " ns",
+        [[t["name"],
+          fmt_num(t.get("value")) + " ns" if t.get("unit") == "ns" else fmt_ratio(t.get("value")),
           t["target"], "—" if t.get("met") is None else ("yes" if t["met"] else "NO"),
           t.get("description", "")] for t in targets])
 
@@ -105,6 +106,11 @@ def machine_markdown(machine: Dict[str, Any]) -> str:
         ("libsodium", "libsodium"), ("openssl", "OpenSSL"), ("page_size", "page size"),
         ("vm_max_map_count", "vm.max_map_count"), ("clocksource", "clocksource"),
         ("timer_overhead_ns", "clock read (ns, median)"),
+        ("ctypes_call_ns", "one ctypes call (ns, median)"),
+        ("loadavg_at_start", "load average at start"),
+        ("loadavg_at_end", "load average at end"),
+        ("other_cpu_load_during_run", "CPU used by other processes during the run"),
+        ("busy_processes_at_end", "busy processes at end (ps lifetime %CPU ≥ 20)"),
     ]
     rows = []
     for key, label in keys:
