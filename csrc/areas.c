@@ -635,34 +635,51 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
     return 0;
 }
 
-/* Overwrite with zeros the pages of an unsealed chunk that hold data
- * (SEEK_DATA/SEEK_HOLE skip never-touched ranges, so a huge sparse area
- * costs nothing), so its contents do not survive in freed pages. */
+/* Call fn(ctx, from, to) for each range of [0, end) of the file that holds
+ * data (SEEK_DATA/SEEK_HOLE skip never-touched ranges, so a huge sparse
+ * area costs nothing).  Stops at the first fn() that returns -1. */
+PRMEM_INTERNAL int
+prmem_for_each_data_range(int fd, off_t end, int (*fn)(void *, off_t, off_t), void *ctx)
+{
+    off_t off = 0;
+    while (off < end) {
+        off_t data = lseek(fd, off, SEEK_DATA);
+        if (data < 0 || data >= end)
+            break;
+        off_t hole = lseek(fd, data, SEEK_HOLE);
+        if (hole < 0 || hole > end)
+            hole = end;
+        if (fn(ctx, data, hole) < 0)
+            return -1;
+        off = hole;
+    }
+    return 0;
+}
+
+static int
+write_zeros(void *ctx, off_t from, off_t to)
+{
+    static const char zeros[4096];
+    int fd = *(int *)ctx;
+    while (from < to) {
+        size_t len = (size_t)(to - from) < sizeof(zeros) ? (size_t)(to - from) : sizeof(zeros);
+        ssize_t w = pwrite(fd, zeros, len, from);
+        if (w <= 0) {
+            if (w < 0 && errno == EINTR)
+                continue;
+            return -1;
+        }
+        from += w;
+    }
+    return 0;
+}
+
+/* Overwrite with zeros the pages of an unsealed chunk that hold data, so
+ * its contents do not survive in freed pages. */
 static void
 zero_chunk_data(prmem_chunk *ch)
 {
-    static const char zeros[4096];
-    off_t off = 0;
-    off_t size = (off_t)ch->used;
-    while (off < size) {
-        off_t data = lseek(ch->fd, off, SEEK_DATA);
-        if (data < 0 || data >= size)
-            break;
-        off_t hole = lseek(ch->fd, data, SEEK_HOLE);
-        if (hole < 0 || hole > size)
-            hole = size;
-        for (off_t p = data; p < hole;) {
-            size_t len = (size_t)(hole - p) < sizeof(zeros) ? (size_t)(hole - p) : sizeof(zeros);
-            ssize_t w = pwrite(ch->fd, zeros, len, p);
-            if (w <= 0) {
-                if (w < 0 && errno == EINTR)
-                    continue;
-                return;
-            }
-            p += w;
-        }
-        off = hole;
-    }
+    prmem_for_each_data_range(ch->fd, (off_t)ch->used, write_zeros, &ch->fd);
 }
 
 /* Give every page of the pool back to the kernel.  Unsealed memory is zeroed

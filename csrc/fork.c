@@ -96,11 +96,18 @@ new_backing(int kind)
 #endif
 }
 
+typedef struct {
+    int fd;
+    const char *base;
+} copy_target;
+
+/* Copy [from, to) of the chunk, read through its mapping, into the new file. */
 static int
-copy_range(int fd, const char *base, off_t from, off_t to)
+copy_range(void *ctx, off_t from, off_t to)
 {
+    const copy_target *t = ctx;
     while (from < to) {
-        ssize_t w = pwrite(fd, base + from, (size_t)(to - from), from);
+        ssize_t w = pwrite(t->fd, t->base + from, (size_t)(to - from), from);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -127,19 +134,8 @@ copy_contents(const prmem_chunk *ch, int fd)
         munmap(dst, ch->used);
         return 0;
     }
-    off_t off = 0, end = (off_t)ch->used;
-    while (off < end) {
-        off_t data = lseek(ch->fd, off, SEEK_DATA);
-        if (data < 0 || data >= end)
-            break;
-        off_t hole = lseek(ch->fd, data, SEEK_HOLE);
-        if (hole < 0 || hole > end)
-            hole = end;
-        if (copy_range(fd, ch->base, data, hole) < 0)
-            return -1;
-        off = hole;
-    }
-    return 0;
+    copy_target target = {fd, ch->base};
+    return prmem_for_each_data_range(ch->fd, (off_t)ch->used, copy_range, &target);
 }
 
 /* Give the child its own copy of chunk ci; -1 on failure (errno set). */

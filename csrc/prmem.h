@@ -39,6 +39,7 @@
 #include <structmember.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define PRMEM_INTERNAL __attribute__((visibility("hidden")))
 
@@ -174,6 +175,8 @@ PRMEM_INTERNAL int prmem_file_write(PoolObject *pool, const prmem_area *area,
                                     char *dst, const void *src, size_t n,
                                     int fill_byte);
 PRMEM_INTERNAL void prmem_pool_release(PoolObject *pool);
+PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
+                                             int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 
 /* allocator.c: the Pool and Allocation types. */

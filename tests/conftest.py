@@ -7,6 +7,7 @@ process, so tests can assert ``returncode == -signal.SIGSEGV``.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,37 @@ import textwrap
 import pytest
 
 import prmem
+
+# Helpers that the tests and their child processes share: defined once as
+# source, executed here for the tests and prepended to every child script.
+HELPERS_SOURCE = r'''
+def perms_at(address, default=None):
+    """Permissions ("r--s", "rw-s", ...) of the mapping containing address;
+    default (or LookupError) if nothing is mapped there."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            addrs, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in addrs.split("-"))
+            if start <= address < end:
+                return perms
+    if default is not None:
+        return default
+    raise LookupError(hex(address))
+
+
+def pool_fds(name):
+    """File descriptors of this process open on pool `name`'s memory files."""
+    wanted = ("/memfd:prmem:" + name, "/memfd:prmem:" + name + " (deleted)")
+    fds = []
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + entry) in wanted:
+                fds.append(int(entry))
+        except OSError:
+            pass
+    return fds
+'''
+exec(HELPERS_SOURCE)
 
 CHILD_PRELUDE = """
 import ctypes, os, signal, sys
@@ -23,7 +55,7 @@ from prmem import Mode, State, Pool
 def native_write(alloc, data=b"X", offset=0):
     # A raw write from native code: no prmem check in the way, only the MMU.
     ctypes.memmove(alloc.address + offset, data, len(data))
-"""
+""" + HELPERS_SOURCE
 
 
 def run_child(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -67,14 +99,3 @@ def maps_entries(name: str):
                 start, end = (int(x, 16) for x in addrs.split("-"))
                 entries.append((start, end, perms))
     return entries
-
-
-def perms_at(address: int) -> str:
-    """Permissions ("r--s", "rw-s", ...) of the mapping containing address."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            addrs, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in addrs.split("-"))
-            if start <= address < end:
-                return perms
-    raise LookupError(hex(address))

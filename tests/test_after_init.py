@@ -38,26 +38,6 @@ def mprotect_rw(alloc):
     rc = libc.mprotect(alloc.address & ~(PAGE - 1), PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
     return "ok" if rc == 0 else errno.errorcode[ctypes.get_errno()]
 
-def memfds(name):
-    wanted = ("/memfd:prmem:" + name, "/memfd:prmem:" + name + " (deleted)")
-    fds = []
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink("/proc/self/fd/" + entry) in wanted:
-                fds.append(int(entry))
-        except OSError:
-            pass
-    return fds
-
-def perms_at(address):
-    with open("/proc/self/maps") as f:
-        for line in f:
-            addrs, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in addrs.split("-"))
-            if start <= address < end:
-                return perms
-    raise LookupError(hex(address))
-
 def raises(exc_type, fn, *args):
     try:
         fn(*args)
@@ -151,7 +131,7 @@ def test_ro_after_init_is_sealed():
         prmem.mark_init_done()
         assert a.state is State.READ_ONLY
         assert mprotect_rw(a) in ("EACCES", "EPERM"), mprotect_rw(a)
-        fds = memfds("ro_after_init")
+        fds = pool_fds("ro_after_init")
         assert fds
         for fd in fds:
             try:

@@ -784,3 +784,26 @@ def test_uninitialised_pool_raises_instead_of_crashing():
     with pytest.raises(RuntimeError):
         prmem.Pool.__init__(pool, prmem.Mode.RO, name="again")
     pool.destroy()
+
+
+@pytest.mark.parametrize("mode", [Mode.RO, Mode.WR])
+def test_destroy_zeroes_pages_that_can_still_be_written(mode):
+    # Keep a duplicate of the pool's memory file across destroy(): the file
+    # outlives the pool, so what destroy() left in its pages is visible.
+    from conftest import pool_fds
+    pool = prmem.Pool(mode, name="zero-on-destroy")
+    a = pool.alloc(100_000)
+    a.write(b"secret" * 10, offset=70_000)
+    if mode is Mode.WR:
+        pool.protect()
+        prmem.rare_write(a, b"rare-secret", offset=90_000)
+    fds = pool_fds("zero-on-destroy")
+    assert fds
+    dup = os.dup(fds[0])
+    try:
+        assert os.pread(dup, 6, 70_000) == b"secret"
+        pool.destroy()
+        assert os.pread(dup, 60, 70_000) == bytes(60)
+        assert os.pread(dup, 11, 90_000) == bytes(11)
+    finally:
+        os.close(dup)

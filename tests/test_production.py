@@ -50,15 +50,6 @@ CAP_IPC_LOCK = 14
 CHILD_HELPERS = r'''
 import errno, json, re
 
-def perms_of(address):
-    with open("/proc/self/maps") as f:
-        for line in f:
-            addrs, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in addrs.split("-"))
-            if start <= address < end:
-                return perms
-    return "unmapped"
-
 def has_cap(bit):
     with open("/proc/self/status") as f:
         for line in f:
@@ -318,7 +309,7 @@ NATIVE_SETUPS = {
 
 NATIVE_ATTACK = '''
 print("STATE", a.state, flush=True)
-print("PERMS", perms_of(a.address), flush=True)
+print("PERMS", perms_at(a.address, "unmapped"), flush=True)
 print("ARMED", flush=True)
 native_write(a, b"NATIVE")
 print("WRITTEN", bytes(a[:6]).decode(), flush=True)
@@ -348,12 +339,12 @@ def test_enforce_off_maps_stay_writable_for_every_pool():
             pool = Pool(mode, name="m_" + mode.name)
             a = pool.strdup(b"data")
             pool.protect()
-            out[mode.name] = [str(a.state), perms_of(a.address)]
+            out[mode.name] = [str(a.state), perms_at(a.address, "unmapped")]
         wr = Pool(Mode.WR, name="m_make_ro")
         b = wr.strdup(b"data")
         wr.protect()
         wr.make_ro()
-        out["make_ro"] = [str(b.state), perms_of(b.address)]
+        out["make_ro"] = [str(b.state), perms_at(b.address, "unmapped")]
         print("RESULT", json.dumps(out))
     ''', env=child_env(PRMEM_ENFORCE="off"))
     assert proc.returncode == 0, proc.stderr
@@ -533,7 +524,7 @@ def test_secret_wr_pool_native_write_faults_after_rare_write():
         pool.protect()
         prmem.rare_write(a, b"CHANGED")
         assert bytes(a[:7]) == b"CHANGED"
-        assert perms_of(a.address) == "r--s", perms_of(a.address)
+        assert perms_at(a.address, "unmapped") == "r--s", perms_at(a.address, "unmapped")
         print("ARMED", flush=True)
         native_write(a, b"NATIVE")
         print("WRITTEN", flush=True)
@@ -565,50 +556,6 @@ def test_secret_wr_pool_make_ro(pool_factory):
 
 @needs_secret
 @needs_setpriv
-def test_secret_pool_over_memlock_limit_raises_memory_error():
-    proc = run_memlock_limited('''
-        import resource
-        out = {}
-        pool = Pool(Mode.RO, name="secret_big", secret=True, refill=1 << 20)
-        try:
-            pool.alloc(16)
-            out["error"] = None
-        except MemoryError as e:
-            out["error"] = str(e)
-        s = pool.stats()
-        out["after"] = [s.areas, s.allocations, s.bytes_mapped, s.secret]
-        # the pool is still a working pool: protect()/stats() work
-        pool.protect()
-        out["protect_after_failure"] = "ok"
-        # a small secret pool fits in the limit and works end to end
-        small = Pool(Mode.WR, name="secret_small", secret=True, refill=4096)
-        b = small.strdup(b"fits")
-        small.protect()
-        small.rare_write(b, b"FITS")
-        out["small"] = [bytes(b[:4]).decode(), str(b.state), perms_of(b.address)]
-        small.destroy()
-        # with the limit raised, the pool that failed allocates normally
-        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        if hard == resource.RLIM_INFINITY or hard >= 4 << 20:
-            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
-            c = pool.strdup(b"late")
-            out["retry"] = [bytes(c[:4]).decode(), pool.stats().areas]
-        print("RESULT", json.dumps(out))
-    ''')
-    out = results(proc)
-    assert proc.returncode == 0, proc.stderr
-    message = out["error"]
-    assert message is not None, "alloc over RLIMIT_MEMLOCK did not fail"
-    assert "RLIMIT_MEMLOCK" in message and "ulimit -l" in message, message
-    assert out["after"] == [0, 0, 0, True]
-    assert out["protect_after_failure"] == "ok"
-    assert out["small"] == ["FITS", "WRITE_RARE", "r--s"]
-    if "retry" in out:
-        assert out["retry"] == ["late", 1]
-
-
-@needs_secret
-@needs_setpriv
 @pytest.mark.parametrize("finish", ["RO.protect", "WR.make_ro"])
 def test_secret_pool_within_memlock_limit_can_be_protected(finish):
     """A secret pool of 48 KiB under a 64 KiB RLIMIT_MEMLOCK is within the
@@ -627,7 +574,7 @@ def test_secret_pool_within_memlock_limit_can_be_protected(finish):
         except Exception as e:
             out["finish"] = type(e).__name__ + ": " + str(e)
         out["state"] = str(a.state)
-        out["perms"] = perms_of(a.address)
+        out["perms"] = perms_at(a.address, "unmapped")
         print("PARTIAL", json.dumps(out), flush=True)
         out["content"] = bytes(a[:17]).decode()   # must not crash the process
         print("RESULT", json.dumps(out))
@@ -713,11 +660,19 @@ def test_default_pool_is_neither_locked_nor_dontdump(pool_factory):
 
 
 @needs_setpriv
-def test_lock_pool_over_memlock_limit_raises_memory_error():
+@pytest.mark.parametrize("option", [
+    pytest.param("secret", marks=needs_secret),
+    "lock",
+])
+def test_locked_pool_over_memlock_limit_raises_memory_error(option):
+    # secret=True (memfd_secret locks its pages) and lock=True (mlock) both
+    # count against RLIMIT_MEMLOCK: over it, a clear MemoryError and a pool
+    # that keeps working.
     proc = run_memlock_limited('''
         import resource
+        option = {"%s": True}
         out = {}
-        pool = Pool(Mode.WR, name="lock_big", lock=True, refill=1 << 20)
+        pool = Pool(Mode.WR, name="locked_big", refill=1 << 20, **option)
         try:
             pool.alloc(16)
             out["error"] = None
@@ -727,10 +682,13 @@ def test_lock_pool_over_memlock_limit_raises_memory_error():
         out["after"] = [s.areas, s.allocations, s.bytes_mapped, s.locked]
         pool.protect()
         out["protect_after_failure"] = "ok"
-        small = Pool(Mode.RO, name="lock_small", lock=True, refill=4096)
+        # a small pool fits in the limit and works end to end
+        small = Pool(Mode.WR, name="locked_small", refill=4096, **option)
         b = small.strdup(b"fits")
         small.protect()
-        out["small"] = [bytes(b[:4]).decode(), str(b.state), perms_of(b.address)]
+        small.rare_write(b, b"FITS")
+        out["small"] = [bytes(b[:4]).decode(), str(b.state), perms_at(b.address, "unmapped")]
+        # with the limit raised, the pool that failed allocates normally
         soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if hard == resource.RLIM_INFINITY or hard >= 4 << 20:
             resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
@@ -747,15 +705,15 @@ def test_lock_pool_over_memlock_limit_raises_memory_error():
                     flags = re.search(r"VmFlags:(.*)", block).group(1).split()
             out["retry"] = [bytes(c[:4]).decode(), pool.stats().areas, "lo" in flags]
         print("RESULT", json.dumps(out))
-    ''')
+    ''' % option)
     out = results(proc)
     assert proc.returncode == 0, proc.stderr
     message = out["error"]
-    assert message is not None, "lock=True over RLIMIT_MEMLOCK did not fail"
+    assert message is not None, f"{option}=True over RLIMIT_MEMLOCK did not fail"
     assert "RLIMIT_MEMLOCK" in message and "ulimit -l" in message, message
     assert out["after"] == [0, 0, 0, True]
     assert out["protect_after_failure"] == "ok"
-    assert out["small"] == ["fits", "READ_ONLY", "r--s"]
+    assert out["small"] == ["FITS", "WRITE_RARE", "r--s"]
     if "retry" in out:
         assert out["retry"] == ["LATE", 1, True]
 

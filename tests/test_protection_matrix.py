@@ -27,7 +27,7 @@ import pytest
 import prmem
 from prmem import Mode, State
 
-from conftest import maps_entries, perms_at, run_child
+from conftest import maps_entries, perms_at, pool_fds, run_child
 
 PAGE = prmem.page_size
 W, WR, RO = State.WRITABLE, State.WRITE_RARE, State.READ_ONLY
@@ -230,19 +230,6 @@ def test_native_write_allowed_in_child_control():
 PROT_READ, PROT_WRITE = 0x1, 0x2
 
 
-def pool_memfds(name: str) -> list[int]:
-    """This process's open fds on memfds of prmem pool `name`."""
-    fds = []
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{entry}")
-        except OSError:
-            continue
-        if target in (f"/memfd:prmem:{name}", f"/memfd:prmem:{name} (deleted)"):
-            fds.append(int(entry))
-    return fds
-
-
 def memfd_backing(name: str, address: int) -> tuple[int, int]:
     """(fd, file offset) of the memfd of pool `name` mapped at `address`,
     matched by inode against /proc/self/maps."""
@@ -256,8 +243,8 @@ def memfd_backing(name: str, address: int) -> tuple[int, int]:
                 break
         else:
             raise LookupError(hex(address))
-    fds = [fd for fd in pool_memfds(name) if os.fstat(fd).st_ino == inode]
-    assert len(fds) == 1, (fds, pool_memfds(name))
+    fds = [fd for fd in pool_fds(name) if os.fstat(fd).st_ino == inode]
+    assert len(fds) == 1, (fds, pool_fds(name))
     return fds[0], offset
 
 

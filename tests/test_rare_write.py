@@ -39,7 +39,7 @@ import pytest
 import prmem
 from prmem import Mode, PoolDestroyedError, ProtectionError, State
 
-from conftest import maps_entries, perms_at, run_child
+from conftest import maps_entries, perms_at, pool_fds, run_child
 
 PAGE = prmem.page_size
 REPO = Path(__file__).resolve().parent.parent
@@ -83,20 +83,6 @@ def mprotect_errno(address: int, prot: int) -> int:
     if _libc.mprotect(page, PAGE, prot) == 0:
         return 0
     return ctypes.get_errno()
-
-
-def memfd_fds(pool_name: str) -> list:
-    """Descriptors of this process that are memfds of prmem pool ``pool_name``."""
-    wanted = ("/memfd:prmem:%s" % pool_name, "/memfd:prmem:%s (deleted)" % pool_name)
-    fds = []
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink("/proc/self/fd/" + entry)
-        except OSError:
-            continue
-        if target in wanted:
-            fds.append(int(entry))
-    return fds
 
 
 def chunk_offset(pool, a) -> int:
@@ -796,7 +782,7 @@ def test_sealed_memory_refuses_mprotect(pool_factory, mode, how):
 @pytest.mark.parametrize("mode,how", SEALERS)
 def test_sealed_memory_refuses_pwrite_on_memfd(pool_factory, mode, how):
     pool, a = _sealed_alloc(pool_factory, mode, how)
-    fds = memfd_fds(pool.name)
+    fds = pool_fds(pool.name)
     assert fds, "the pool's memfd should be open"
     offset = chunk_offset(pool, a)
     for fd in fds:
@@ -900,7 +886,7 @@ def test_destroy_after_make_ro(pool_factory):
     pool.make_ro()
     pool.destroy()
     assert maps_entries(name) == []
-    assert memfd_fds(name) == []
+    assert pool_fds(name) == []
     with pytest.raises(PoolDestroyedError):
         prmem.rare_write(a, b"x")
 
