@@ -181,6 +181,7 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     obj->size = size;
     obj->area = (uint32_t)self->cur_area;
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     Py_INCREF(self);
     obj->pool = self;
     return (PyObject *)obj;
@@ -424,6 +425,7 @@ Pool_protect(PoolObject *self, PyObject *unused)
     POOL_LOCK(self);
     int rc = protect_locked(self);
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -447,6 +449,7 @@ Pool_finish_init(PoolObject *self, PyObject *unused)
             self->closed = 1;
     }
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     if (rc < 0)
         return NULL;
     return PyBool_FromLong(!done);

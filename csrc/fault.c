@@ -38,7 +38,13 @@ static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int report_enabled = 1;
 static int handler_installed;
-static struct sigaction previous_action;
+static volatile int install_wanted;
+static struct sigaction previous_action;    /* the handler below ours */
+/* Where faults outside prmem memory go: the previous handler, or, when
+ * prmem enabled faulthandler beneath itself, what was there before that. */
+static struct sigaction passthrough_action;
+static int own_faulthandler;
+static int tracebacks_prepared;
 
 typedef const char *(*dump_threads_fn)(int, PyInterpreterState *, PyThreadState *);
 static dump_threads_fn dump_threads;
@@ -161,6 +167,28 @@ set_default(int sig)
 
 static volatile sig_atomic_t in_handler;
 
+static int
+is_handler(const struct sigaction *a)
+{
+    return (a->sa_flags & SA_SIGINFO) ? a->sa_sigaction != NULL
+                                       : (a->sa_handler != SIG_DFL && a->sa_handler != SIG_IGN);
+}
+
+/* Pass the signal on as the kernel would have delivered it to `a`. */
+static void
+hand_over(const struct sigaction *a, int sig, siginfo_t *info, void *context)
+{
+    if (!is_handler(a)) {
+        /* Default action: restore it and return; the faulting instruction
+         * runs again and the kernel kills the process with SIGSEGV. */
+        set_default(sig);
+    }
+    else if (a->sa_flags & SA_SIGINFO)
+        a->sa_sigaction(sig, info, context);
+    else
+        a->sa_handler(sig);
+}
+
 static void
 segv_handler(int sig, siginfo_t *info, void *context)
 {
@@ -174,31 +202,21 @@ segv_handler(int sig, siginfo_t *info, void *context)
     }
     in_handler = 1;
     fault_range *r = info->si_code > 0 ? find_range((uintptr_t)info->si_addr) : NULL;
-    int prev_is_handler = (previous_action.sa_flags & SA_SIGINFO)
-                              ? previous_action.sa_sigaction != NULL
-                              : (previous_action.sa_handler != SIG_DFL &&
-                                 previous_action.sa_handler != SIG_IGN);
     if (r != NULL) {
         report(r, (uintptr_t)info->si_addr, info->si_code, fault_was_write(context));
-        if (!prev_is_handler && dump_threads != NULL) {
+        /* Tracebacks: faulthandler below us prints every thread's; else
+         * CPython's own dumper where it exports one. */
+        if (!is_handler(&previous_action) && dump_threads != NULL) {
             const char *err = dump_threads(STDERR_FILENO, NULL, NULL);
             if (err != NULL) {
                 put(err);
                 put("\n");
             }
         }
-    }
-    if (prev_is_handler) {
-        /* Hand over exactly as the kernel would have. */
-        if (previous_action.sa_flags & SA_SIGINFO)
-            previous_action.sa_sigaction(sig, info, context);
-        else
-            previous_action.sa_handler(sig);
+        hand_over(&previous_action, sig, info, context);
     }
     else {
-        /* Default action: restore it and return; the faulting instruction
-         * runs again and the kernel kills the process with SIGSEGV. */
-        set_default(sig);
+        hand_over(&passthrough_action, sig, info, context);
     }
     in_handler = 0;
     errno = saved_errno;
@@ -217,13 +235,59 @@ handler_on_top(void)
 /* Install the handler, or put it back on top if another handler (say
  * faulthandler, enabled later) was installed over it: the report needs the
  * fault's siginfo, which only the first handler sees. */
+/*
+ * Make sure a prmem fault can be followed by Python tracebacks.  CPython
+ * 3.11 exports the async-signal-safe dumper faulthandler uses; other
+ * versions keep it internal, so there prmem enables faulthandler beneath
+ * its own handler (once, if the program has not) and chains to it.  Only
+ * SIGSEGV is meant: the other signals faulthandler takes get their
+ * previous handlers back, and SIGSEGVs outside prmem memory skip
+ * faulthandler and go where they went before.  Called with the GIL held
+ * and no prmem lock held, since it calls into Python.
+ */
+static void
+prepare_tracebacks(void)
+{
+    if (tracebacks_prepared)
+        return;
+    tracebacks_prepared = 1;
+    dump_threads = (dump_threads_fn)dlsym(RTLD_DEFAULT, "_Py_DumpTracebackThreads");
+    if (dump_threads != NULL)
+        return;
+    static const int others[] = {SIGABRT, SIGBUS, SIGILL, SIGFPE};
+    struct sigaction saved[4], before;
+    if (sigaction(SIGSEGV, NULL, &before) < 0)
+        return;
+    for (int i = 0; i < 4; i++)
+        sigaction(others[i], NULL, &saved[i]);
+    PyObject *fh = PyImport_ImportModule("faulthandler");
+    PyObject *on = fh ? PyObject_CallMethod(fh, "is_enabled", NULL) : NULL;
+    if (on == Py_False) {
+        PyObject *enable = PyObject_GetAttrString(fh, "enable");
+        PyObject *args = PyTuple_New(0);
+        PyObject *kwargs = Py_BuildValue("{s:O}", "all_threads", Py_True);
+        PyObject *res = (enable && args && kwargs) ? PyObject_Call(enable, args, kwargs) : NULL;
+        if (res != NULL) {
+            own_faulthandler = 1;
+            passthrough_action = before;
+            for (int i = 0; i < 4; i++)
+                sigaction(others[i], &saved[i], NULL);
+        }
+        Py_XDECREF(res);
+        Py_XDECREF(kwargs);
+        Py_XDECREF(args);
+        Py_XDECREF(enable);
+    }
+    Py_XDECREF(on);
+    Py_XDECREF(fh);
+    PyErr_Clear(); /* best effort: without it the report just has no traceback */
+}
+
 static int
 install_locked(void)
 {
     if (!report_enabled || (handler_installed && handler_on_top()))
         return 0;
-    if (dump_threads == NULL)
-        dump_threads = (dump_threads_fn)dlsym(RTLD_DEFAULT, "_Py_DumpTracebackThreads");
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = segv_handler;
@@ -231,6 +295,8 @@ install_locked(void)
     sigemptyset(&sa.sa_mask);
     if (sigaction(SIGSEGV, &sa, &previous_action) < 0)
         return -1;
+    if (!own_faulthandler)
+        passthrough_action = previous_action;
     handler_installed = 1;
     return 0;
 }
@@ -333,8 +399,21 @@ prmem_fault_unregister(char *start)
 PRMEM_INTERNAL void
 prmem_fault_protected(void)
 {
+    if (report_enabled)
+        install_wanted = 1; /* done by prmem_fault_sync(), outside the pool lock */
+}
+
+/* Install the handler if a protection event asked for it.  Called by the
+ * Pool methods after they release the pool lock, with the GIL held. */
+PRMEM_INTERNAL void
+prmem_fault_sync(void)
+{
+    if (!install_wanted)
+        return;
+    install_wanted = 0;
     if (!report_enabled)
         return;
+    prepare_tracebacks();
     pthread_mutex_lock(&ranges_lock);
     install_locked();
     pthread_mutex_unlock(&ranges_lock);
@@ -354,6 +433,8 @@ prmem_fault_report(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int on = PyObject_IsTrue(args[0]);
         if (on < 0)
             return NULL;
+        if (on)
+            prepare_tracebacks();
         pthread_mutex_lock(&ranges_lock);
         report_enabled = on;
         int any = 0;

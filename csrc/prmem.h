@@ -209,6 +209,7 @@ PRMEM_INTERNAL void prmem_fault_sealed(char *start, size_t size);
 PRMEM_INTERNAL void prmem_fault_orphan(char *start);
 PRMEM_INTERNAL void prmem_fault_unregister(char *start);
 PRMEM_INTERNAL void prmem_fault_protected(void);
+PRMEM_INTERNAL void prmem_fault_sync(void);
 PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
 

@@ -212,8 +212,10 @@ prmem_pool_make_ro(PoolObject *self, PyObject *unused)
     if (prmem_seal_all(self) < 0)
         goto fail;
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     Py_RETURN_NONE;
 fail:
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     return NULL;
 }
