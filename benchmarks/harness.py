@@ -184,6 +184,87 @@ def vma_count() -> int:
             count += chunk.count(b"\n")
 
 
+def mapped_bytes() -> int:
+    """Total size of all memory mappings of this process (sum of the VMA
+    sizes in /proc/self/maps, PROT_NONE guard pages and reservations
+    included): address space, not memory."""
+    total = 0
+    with open("/proc/self/maps", "rb", buffering=0) as f:
+        tail = b""
+        while True:
+            chunk = f.read(32768)
+            if not chunk:
+                break
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                lo, hi = line.split(b" ", 1)[0].split(b"-")
+                total += int(hi, 16) - int(lo, 16)
+    return total
+
+
+def smaps_range(start: int, length: int = 1) -> Optional[Dict[str, Any]]:
+    """What /proc/self/smaps says about the mappings overlapping
+    [start, start + length): their number ("vmas"), their permissions
+    ("perms", of the one holding ``start``) and their numeric fields summed
+    (in bytes; whole mappings, also the parts outside the range), or None if
+    nothing is mapped at ``start``."""
+    end = start + max(length, 1)
+    found: Optional[Dict[str, Any]] = None
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < end and hi > start
+                if inside:
+                    if found is None:
+                        if not lo <= start < hi:
+                            return None
+                        found = {"start": lo, "perms": line.split()[1], "vmas": 0}
+                    found["vmas"] += 1
+                    found["end"] = hi
+                elif found is not None and lo >= end:
+                    break
+            elif inside and head.endswith(":"):
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == "kB":
+                    key = head[:-1]
+                    found[key] = found.get(key, 0) + int(parts[1]) * 1024
+    return found
+
+
+def vma_at(addr: int) -> Optional[Dict[str, Any]]:
+    """The mapping of this process that contains ``addr`` (see
+    :func:`smaps_range`), or None."""
+    return smaps_range(addr, 1)
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (getrusage)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def child_env() -> Dict[str, str]:
+    """Environment for a child Python running benchmark code: it imports
+    the same prmem and the same benchmarks package as this process,
+    whether prmem is installed or comes from PYTHONPATH."""
+    import prmem
+
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    prmem_parent = os.path.dirname(os.path.dirname(os.path.abspath(prmem.__file__)))
+    if os.path.basename(prmem_parent) not in ("site-packages", "dist-packages"):
+        paths.insert(0, prmem_parent)  # an installed prmem is found without help
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
 def read_sysctl(path: str) -> Optional[str]:
     try:
         with open(path) as f:

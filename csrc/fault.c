@@ -441,11 +441,25 @@ prmem_fault_report(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         for (int i = 0; i < MAX_RANGES && !any; i++)
             any = ranges[i].end != 0;
         int rc = 0;
-        if (!on)
+        int drop_faulthandler = 0;
+        if (!on) {
             uninstall_locked();
+            drop_faulthandler = own_faulthandler;
+            own_faulthandler = 0;
+        }
         else if (any)
             rc = install_locked();
         pthread_mutex_unlock(&ranges_lock);
+        if (drop_faulthandler) {
+            /* undo what prepare_tracebacks() did for us (outside the lock:
+             * this calls into Python) */
+            tracebacks_prepared = 0;
+            PyObject *fh = PyImport_ImportModule("faulthandler");
+            PyObject *res = fh ? PyObject_CallMethod(fh, "disable", NULL) : NULL;
+            Py_XDECREF(res);
+            Py_XDECREF(fh);
+            PyErr_Clear();
+        }
         if (rc < 0)
             return prmem_set_oserror("sigaction", errno), NULL;
     }

@@ -24,7 +24,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import alloc, rare_write
+from . import alloc, overhead, protect, rare_write, read
 
 #: name -> module, in the order they run.
-WORKLOADS: Dict[str, ModuleType] = {mod.NAME: mod for mod in (alloc, rare_write)}
+WORKLOADS: Dict[str, ModuleType] = {mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead)}

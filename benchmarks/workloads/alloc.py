@@ -458,9 +458,9 @@ def run(ctx: RunContext) -> Dict[str, Any]:
     peer_medians = [r["median_ns"] for r in rows if r["is_peer"] and r["samples"]]
     best_peer = min(peer_medians) if peer_medians else None
     for row in rows:
-        if row["impl"] == "prmem":
-            row["ratio_vs_best_peer"] = ratio(prmem_ns, best_peer)
-        elif row["impl"] != "overhead" and row["samples"]:
+        if row["samples"]:
+            row["ratio_vs_best_peer"] = ratio(row["median_ns"], best_peer)
+        if row["impl"] not in ("prmem", "overhead") and row["samples"]:
             row["ratio_vs_prmem"] = ratio(row["median_ns"], prmem_ns)
 
     def med(key: str) -> Optional[float]:
@@ -547,19 +547,16 @@ def markdown(result: Dict[str, Any]) -> str:
     out = [f"## {TITLE}", ""]
     rows = []
     for r in result["rows"]:
-        if r["impl"] == "prmem":
-            vs = f"{fmt_ratio(r.get('ratio_vs_best_peer'))} of best peer"
-        elif r["impl"] == "overhead":
-            vs = ""
-        else:
-            vs = fmt_ratio(r.get("ratio_vs_prmem"))
+        vs = "" if r["impl"] in ("prmem", "overhead") else fmt_ratio(r.get("ratio_vs_prmem"))
+        best = "" if r["impl"] == "overhead" else fmt_ratio(r.get("ratio_vs_best_peer"))
         rows.append([r["label"], r["median_ns"] if r["samples"] else "—",
                      r["p99_ns"] if r["samples"] else "—",
                      r["release_median_ns"] if r["samples"] else "—",
-                     f"{r['samples']:,} × {r['calls_per_sample']:,}", vs,
+                     f"{r['samples']:,} × {r['calls_per_sample']:,}", best, vs,
                      r["protection"], r["error"] or ""])
     out.append(md_table(["implementation", "median ns/call", "p99 ns/call", "release ns/call",
-                         "samples × calls", "vs prmem", "protection", "error"], rows))
+                         "samples × calls", "vs best peer", "vs prmem", "protection", "error"],
+                        rows))
     out += ["", targets_table(result["targets"]), ""]
     extra = result["extra_ratios"]
     out.append("Other ratios: prmem/bytearray after subtracting the loop overhead "

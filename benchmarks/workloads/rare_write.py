@@ -284,11 +284,12 @@ def _result(targets: List[Target], reader_configs: List[int], notes: List[str],
     for row in rows:
         readers = row["readers"]
         prm = med.get(("prmem", readers))
-        if row["impl"] == "prmem":
-            peer_meds = [med[(t.key, readers)] for t in targets
-                         if t.is_peer and med.get((t.key, readers)) is not None]
-            row["ratio_vs_best_peer"] = ratio(prm, min(peer_meds)) if peer_meds else None
-        elif row["calls"]:
+        peer_meds = [med[(t.key, readers)] for t in targets
+                     if t.is_peer and med.get((t.key, readers)) is not None]
+        if row["calls"]:
+            row["ratio_vs_best_peer"] = (ratio(row["median_ns"], min(peer_meds))
+                                         if peer_meds else None)
+        if row["impl"] != "prmem" and row["calls"]:
             row["ratio_vs_prmem"] = ratio(row["median_ns"], prm)
 
     def m(key: str, readers: int) -> Optional[float]:
@@ -348,19 +349,17 @@ def markdown(result: Dict[str, Any]) -> str:
     out = [f"## {TITLE}", ""]
     rows = []
     for r in result["rows"]:
-        if r["impl"] == "prmem":
-            vs = f"{fmt_ratio(r.get('ratio_vs_best_peer'))} of best peer"
-        else:
-            vs = fmt_ratio(r.get("ratio_vs_prmem"))
+        vs = "" if r["impl"] == "prmem" else fmt_ratio(r.get("ratio_vs_prmem"))
         rows.append([r["label"], "1" if r["readers"] else "0",
                      r["median_ns"] if r["calls"] else "—", r["p99_ns"] if r["calls"] else "—",
-                     r["batch_mean_ns"], f"{r['calls']:,}", vs,
+                     r["batch_mean_ns"], f"{r['calls']:,}", fmt_ratio(r.get("ratio_vs_best_peer")),
+                     vs,
                      "—" if r.get("reader_on_cpu") is None else f"{r['reader_on_cpu']:.2f}",
                      "—" if r.get("reader_speed") is None else f"{r['reader_speed']:.2f}",
                      "—" if r.get("reader_read_GBps") is None else f"{r['reader_read_GBps']:.1f}",
                      r["error"] or ""])
     out.append(md_table(["implementation", "readers", "median ns", "p99 ns", "batch mean ns",
-                         "calls", "vs prmem", "reader on-CPU", "reader speed", "reader GB/s",
+                         "calls", "vs best peer", "vs prmem", "reader on-CPU", "reader speed", "reader GB/s",
                          "error"], rows))
     out += ["", targets_table(result["targets"]), ""]
     x = result["extra_ratios"]
