@@ -27,4 +27,5 @@ from typing import Dict
 from . import alloc, overhead, protect, rare_write, read
 
 #: name -> module, in the order they run.
-WORKLOADS: Dict[str, ModuleType] = {mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead)}
+WORKLOADS: Dict[str, ModuleType] = {
+    mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead)}

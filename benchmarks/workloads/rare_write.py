@@ -359,8 +359,8 @@ def markdown(result: Dict[str, Any]) -> str:
                      "—" if r.get("reader_read_GBps") is None else f"{r['reader_read_GBps']:.1f}",
                      r["error"] or ""])
     out.append(md_table(["implementation", "readers", "median ns", "p99 ns", "batch mean ns",
-                         "calls", "vs best peer", "vs prmem", "reader on-CPU", "reader speed", "reader GB/s",
-                         "error"], rows))
+                         "calls", "vs best peer", "vs prmem", "reader on-CPU", "reader speed",
+                         "reader GB/s", "error"], rows))
     out += ["", targets_table(result["targets"]), ""]
     x = result["extra_ratios"]
     out.append(
