@@ -437,6 +437,15 @@ prmem_close_current_area(PoolObject *pool)
     }
 }
 
+static void
+mark_chunk_read_only(PoolObject *pool, size_t ci)
+{
+    for (size_t i = 0; i < pool->nareas; i++) {
+        if (pool->areas[i].chunk == ci)
+            pool->areas[i].state = PRMEM_READ_ONLY;
+    }
+}
+
 /*
  * Make every area of chunk `ci` READ_ONLY for good: seal the memfd against
  * writes, growth and shrinking, re-map the used part read-only (the new VMA
@@ -456,31 +465,31 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
     if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
         prmem_close_current_area(pool);
 
-    /* READ_ONLY in prmem's tables and for the MMU first: whatever fails
-     * below, no area that prmem believes writable is left behind a
-     * read-only mapping, and a failed seal can simply be retried. */
-    if (prmem_enforce && ch->used > 0 && mprotect(ch->base, ch->used, PROT_READ) < 0)
-        return prmem_set_oserror("mprotect", errno);
-    for (size_t i = 0; i < pool->nareas; i++) {
-        if (pool->areas[i].chunk == ci)
-            pool->areas[i].state = PRMEM_READ_ONLY;
-    }
     if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD) {
         int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
         if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
             seals |= F_SEAL_FUTURE_WRITE;
         if (fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
-            return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno);
+            return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno); /* nothing changed */
         /* Only a mapping made after F_SEAL_FUTURE_WRITE lacks the right to
-         * become writable again.  (Files that cannot be sealed gain
-         * nothing from a re-map, and memfd_secret would charge it twice
-         * against RLIMIT_MEMLOCK, so they keep their mprotect()ed one.) */
+         * become writable again, so the used part is mapped anew, read-only.
+         * (Files that cannot be sealed gain nothing from a re-map, and
+         * memfd_secret would charge it twice against RLIMIT_MEMLOCK: they
+         * are mprotect()ed below.) */
         if (ch->used > 0) {
             if (pool->mlock_areas)
                 munlock(ch->base, ch->used); /* so re-locking stays within the limit */
             if (mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) ==
-                MAP_FAILED)
-                return prmem_set_oserror("mmap", errno);
+                MAP_FAILED) {
+                /* The file is sealed for good; whatever is left of the old
+                 * mapping must not stay writable while prmem calls it
+                 * READ_ONLY. */
+                int err = errno;
+                mprotect(ch->base, ch->used, PROT_READ);
+                mark_chunk_read_only(pool, ci);
+                ch->sealed = 1;
+                return prmem_set_oserror("mmap", err);
+            }
             /* the new mapping starts without the old one's advice and locks */
             if (pool->dontdump)
                 madvise(ch->base, ch->used, MADV_DONTDUMP);
@@ -488,6 +497,11 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
                 lock_errno = errno;
         }
     }
+    else if (prmem_enforce && ch->used > 0 && mprotect(ch->base, ch->used, PROT_READ) < 0) {
+        return prmem_set_oserror("mprotect", errno); /* nothing changed */
+    }
+    mark_chunk_read_only(pool, ci);
+    ch->sealed = 1;
     if (prmem_enforce && ch->size > ch->used) {
         /* the unused tail's mapping predates the seal: it could be made
          * writable, so it goes */
@@ -495,7 +509,6 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
             return prmem_set_oserror("munmap", errno);
         ch->size = ch->used;
     }
-    ch->sealed = 1;
     prmem_fault_sealed(ch->base, ch->size);
     if (prmem_enforce)
         prmem_fault_protected();
