@@ -112,6 +112,16 @@ def test_info_command():
         assert f"[yes] {feature}" in proc.stdout
 
 
+def test_info_measures_the_proc_mem_caveat():
+    # prmem info does the /proc/self/mem write itself rather than assert it
+    from prmem.info import probe_proc_mem
+    lines = probe_proc_mem()
+    assert any("private read-only mappings" in line and "measured now" in line
+               for line in lines)
+    assert any("prmem's protected" in line and "refused that write (EIO" in line
+               for line in lines), lines
+
+
 def test_console_script_installed():
     script = os.path.join(os.path.dirname(sys.executable), "prmem")
     if not os.path.exists(script):
