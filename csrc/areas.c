@@ -510,8 +510,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci)
         ch->size = ch->used;
     }
     prmem_fault_sealed(ch->base, ch->size);
-    if (prmem_enforce)
-        prmem_fault_protected();
+    prmem_fault_protected();
     if (pool->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
         if (sys_mseal(ch->base, ch->used) < 0)
             return prmem_set_oserror("mseal", errno);

@@ -399,7 +399,8 @@ prmem_fault_unregister(char *start)
 PRMEM_INTERNAL void
 prmem_fault_protected(void)
 {
-    if (report_enabled)
+    /* With PRMEM_ENFORCE=0 nothing is ever protected: nothing to report. */
+    if (report_enabled && prmem_enforce)
         install_wanted = 1; /* done by prmem_fault_sync(), outside the pool lock */
 }
 
