@@ -597,47 +597,38 @@ FINISHES = {
 }
 
 
+# option -> (the VmFlags it sets, the PoolStats field that reports it)
+FLAG_OPTIONS = {"dontdump": ("dd", "dontdump"), "lock": ("lo", "locked")}
+
+
+@pytest.mark.parametrize("option", list(FLAG_OPTIONS))
 @pytest.mark.parametrize("finish", list(FINISHES))
-def test_dontdump_pool_vmflags(pool_factory, finish):
+def test_flag_option_vmflags_survive_protection(pool_factory, option, finish):
+    # dontdump=True -> MADV_DONTDUMP ("dd"), lock=True -> mlock ("lo"), on the
+    # pool's memory before and after protect()/make_ro() (which may re-map
+    # it) and on memory handed out afterwards.
+    flag, field = FLAG_OPTIONS[option]
     mode, steps = FINISHES[finish]
-    name = "dd_" + finish.replace(".", "_")
-    pool = pool_factory(mode, name=name, dontdump=True)
-    a = pool.strdup(b"not in core dumps")
+    name = flag + "_" + finish.replace(".", "_")
+    pool = pool_factory(mode, name=name, **{option: True})
+    a = pool.strdup(b"flagged memory")
     stats = pool.stats()
-    assert (stats.dontdump, stats.locked, stats.secret, stats.seal) == (True, False, False, False)
+    flags = {f: getattr(stats, f) for f in ("dontdump", "locked", "secret", "seal")}
+    assert flags == {f: f == field for f in flags}
     before = pool_mappings(name)
-    assert before and all("dd" in m["vmflags"] for m in before), before
-    for step in steps:
-        getattr(pool, step)()  # protect() of RO re-maps the memory
-    after = pool_mappings(name)
-    assert after and all("dd" in m["vmflags"] for m in after), after
-    assert "dd" in mapping_at(a.address)["vmflags"]
-    if prmem.enforced:
-        assert mapping_at(a.address)["perms"] == "r--s"
-    assert pool.stats().dontdump is True
-    b = pool.alloc(8)  # memory handed out after protect() is also excluded
-    assert "dd" in mapping_at(b.address)["vmflags"]
-
-
-@pytest.mark.parametrize("finish", list(FINISHES))
-def test_lock_pool_vmflags(pool_factory, finish):
-    mode, steps = FINISHES[finish]
-    name = "lo_" + finish.replace(".", "_")
-    pool = pool_factory(mode, name=name, lock=True)
-    a = pool.strdup(b"never swapped")
-    stats = pool.stats()
-    assert (stats.locked, stats.dontdump, stats.secret, stats.seal) == (True, False, False, False)
-    assert "lo" in mapping_at(a.address)["vmflags"]
+    assert before and all(flag in m["vmflags"] for m in before), before
     for step in steps:
         getattr(pool, step)()
+    after = pool_mappings(name)
+    assert after and all(flag in m["vmflags"] for m in after), after
     entry = mapping_at(a.address)
-    assert "lo" in entry["vmflags"], entry
+    assert flag in entry["vmflags"], entry
     if prmem.enforced:
         assert entry["perms"] == "r--s"
-    assert bytes(a[:13]) == b"never swapped"
-    assert pool.stats().locked is True
+    assert bytes(a[:14]) == b"flagged memory"
+    assert getattr(pool.stats(), field) is True
     b = pool.alloc(8)
-    assert "lo" in mapping_at(b.address)["vmflags"]
+    assert flag in mapping_at(b.address)["vmflags"]
 
 
 def test_lock_and_dontdump_together(pool_factory):
