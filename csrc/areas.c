@@ -162,12 +162,7 @@ PRMEM_INTERNAL unsigned
 prmem_probe_features(void)
 {
     unsigned f = 0;
-    /* PRMEM_NO_MEMFD=1 makes prmem behave as on a kernel without
-     * memfd_create(), so the fallback backing can be tested anywhere. */
-    const char *no_memfd = getenv("PRMEM_NO_MEMFD");
-    int fd = -1;
-    if (no_memfd == NULL || strcmp(no_memfd, "1") != 0)
-        fd = sys_memfd_create("prmem:probe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    int fd = sys_memfd_create("prmem:probe", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd >= 0) {
         f |= PRMEM_FEAT_MEMFD;
         if (fcntl(fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) == 0)

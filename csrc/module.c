@@ -4,6 +4,8 @@
  */
 #include "prmem.h"
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -21,28 +23,67 @@ get_state(PyObject *module)
     return (prmem_module_state *)PyModule_GetState(module);
 }
 
+static const struct {
+    unsigned bit;
+    const char *name;
+} feature_names[] = {
+    {PRMEM_FEAT_MEMFD, "memfd"},
+    {PRMEM_FEAT_SEAL_FUTURE_WRITE, "memfd_seal_future_write"},
+    {PRMEM_FEAT_MSEAL, "mseal"},
+    {PRMEM_FEAT_MEMFD_SECRET, "memfd_secret"},
+    {PRMEM_FEAT_PKEYS, "pkeys"},
+};
+#define N_FEATURES (sizeof(feature_names) / sizeof(feature_names[0]))
+
+/*
+ * PRMEM_DISABLE_FEATURES=name[,name...] makes prmem behave as on a kernel
+ * without those features, so every degraded path can be tested on any
+ * machine (e.g. "memfd" exercises the unsealable fallback backing).
+ * Unknown names fail the import rather than being ignored.
+ */
+static int
+apply_disabled_features(void)
+{
+    const char *env = getenv("PRMEM_DISABLE_FEATURES");
+    if (env == NULL)
+        return 0;
+    char buf[256];
+    snprintf(buf, sizeof(buf), "%s", env);
+    char *save = NULL;
+    for (char *tok = strtok_r(buf, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
+        size_t i;
+        for (i = 0; i < N_FEATURES; i++) {
+            if (strcmp(tok, feature_names[i].name) == 0) {
+                prmem_features &= ~feature_names[i].bit;
+                break;
+            }
+        }
+        if (i == N_FEATURES) {
+            PyErr_Format(PyExc_ImportError,
+                         "PRMEM_DISABLE_FEATURES names an unknown feature %s (known: memfd, "
+                         "memfd_seal_future_write, mseal, memfd_secret, pkeys)",
+                         tok);
+            return -1;
+        }
+    }
+    /* the future-write seal is a memfd feature */
+    if (!(prmem_features & PRMEM_FEAT_MEMFD))
+        prmem_features &= ~PRMEM_FEAT_SEAL_FUTURE_WRITE;
+    return 0;
+}
+
 static PyObject *
 probe_features(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
-    static const struct {
-        unsigned bit;
-        const char *name;
-    } names[] = {
-        {PRMEM_FEAT_MEMFD, "memfd"},
-        {PRMEM_FEAT_SEAL_FUTURE_WRITE, "memfd_seal_future_write"},
-        {PRMEM_FEAT_MSEAL, "mseal"},
-        {PRMEM_FEAT_MEMFD_SECRET, "memfd_secret"},
-        {PRMEM_FEAT_PKEYS, "pkeys"},
-    };
     PyObject *set = PySet_New(NULL);
     if (set == NULL)
         return NULL;
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (!(prmem_features & names[i].bit))
+    for (size_t i = 0; i < N_FEATURES; i++) {
+        if (!(prmem_features & feature_names[i].bit))
             continue;
-        PyObject *s = PyUnicode_FromString(names[i].name);
+        PyObject *s = PyUnicode_FromString(feature_names[i].name);
         if (s == NULL || PySet_Add(set, s) < 0) {
             Py_XDECREF(s);
             Py_DECREF(set);
@@ -136,6 +177,8 @@ module_exec(PyObject *module)
     prmem_page_size = (size_t)page;
     prmem_page_shift = __builtin_ctzl((unsigned long)page);
     prmem_features = prmem_probe_features();
+    if (apply_disabled_features() < 0)
+        return -1;
     prmem_enforce = prmem_read_enforce();
     if (prmem_fork_init() < 0)
         return -1;

@@ -807,3 +807,17 @@ def test_destroy_zeroes_pages_that_can_still_be_written(mode):
         assert os.pread(dup, 11, 90_000) == bytes(11)
     finally:
         os.close(dup)
+
+
+def test_stats_read_as_mapping_and_dict(pool_factory):
+    pool = pool_factory(Mode.RO, name="api-stats-dict", refill=PAGE)
+    pool.alloc(10)
+    pool.protect()
+    st = pool.stats()
+    assert st["areas"] == st.areas == 1
+    assert st["bytes_lost"] == st.bytes_lost == st.bytes_lost_to_protection == PAGE - 10
+    with pytest.raises(KeyError):
+        st["no_such_counter"]
+    d = st.as_dict()
+    assert d["mode"] == "RO" and d["areas_by_state"] == {"WRITABLE": 0, "WRITE_RARE": 0,
+                                                          "READ_ONLY": 1}

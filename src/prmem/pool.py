@@ -131,6 +131,24 @@ class PoolStats:
     locked: bool
     seal: bool
 
+    @property
+    def bytes_lost(self) -> int:
+        """Alias of ``bytes_lost_to_protection``."""
+        return self.bytes_lost_to_protection
+
+    def __getitem__(self, key: str) -> Any:
+        """``stats["areas"]`` reads the field of that name, as a dict would."""
+        if key not in self.__dataclass_fields__ and key != "bytes_lost":
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict (states by name)."""
+        d = dataclasses.asdict(self)
+        d["mode"] = self.mode.name
+        d["areas_by_state"] = {state.name: n for state, n in self.areas_by_state.items()}
+        return d
+
 
 class Pool(_core.Pool):
     """A protectable memory pool (the kernel's pmalloc pool).
