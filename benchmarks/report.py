@@ -152,3 +152,13 @@ def try_import_pyplot():
     except Exception:  # ImportError, or a broken installation
         return None
     return plt
+
+
+def save_figure(plt, fig, out_dir: str, name: str) -> str:
+    """Lay out ``fig``, write it as ``<out_dir>/<name>.png`` and close it;
+    returns the path.  One place for the resolution every plot uses."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, name + ".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

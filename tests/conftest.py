@@ -7,7 +7,7 @@ process, so tests can assert ``returncode == -signal.SIGSEGV``.
 """
 from __future__ import annotations
 
-import os
+import os  # used by HELPERS_SOURCE, executed below
 import subprocess
 import sys
 import textwrap

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import subprocess

@@ -26,7 +26,7 @@ import prmem
 from prmem import Mode, State
 from prmem import cli
 
-from conftest import CHILD_PRELUDE, maps_entries, perms_at
+from conftest import CHILD_PRELUDE, perms_at
 
 # The directory that holds the prmem package the tests import, so children
 # import the very same build whatever the caller's PYTHONPATH.

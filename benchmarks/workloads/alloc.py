@@ -29,7 +29,7 @@ import prmem
 from .. import peers
 from ..harness import (PAGE_SIZE, Budget, RunContext, batch_loop, gc_paused, perf_ns, ratio,
                        rss_bytes, summarize, vma_count)
-from ..report import fmt_num, fmt_ratio, md_table, targets_table
+from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
 NAME = "alloc"
 TITLE = "alloc — one 32-byte object"
@@ -611,7 +611,6 @@ def summary(result: Dict[str, Any]) -> List[List[str]]:
 
 
 def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
-    import os
 
     paths = []
     rows = [r for r in result["rows"] if r["samples"]]
@@ -623,10 +622,7 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
     ax.set_xlabel("median ns per 32-byte allocation (log)")
     ax.invert_yaxis()
     ax.set_title("alloc: per-call cost")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "alloc.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "alloc")
     paths.append(path)
 
     sc = result["scaling"]["rows"]
@@ -656,9 +652,6 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "alloc_scaling.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "alloc_scaling")
     paths.append(path)
     return paths

@@ -43,7 +43,7 @@ import prmem
 from .. import peers
 from ..harness import (PAGE_SIZE, RunContext, child_env, gc_paused, mapped_bytes, ratio,
                        read_sysctl, rss_bytes, vma_count)
-from ..report import fmt_num, fmt_ratio, md_table, targets_table
+from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
 NAME = "overhead"
 TITLE = "overhead — memory per byte requested, many small allocations"
@@ -477,8 +477,5 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("bytes per byte requested (log)")
     axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "overhead.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "overhead")
     return [path]

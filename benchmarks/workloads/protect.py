@@ -40,7 +40,7 @@ import prmem
 from .. import peers
 from ..harness import (RunContext, child_env, gc_paused, new_samples, per_call_loop, perf_ns,
                        ratio, rss_bytes, summarize, vma_at, vma_count)
-from ..report import fmt_num, fmt_ratio, md_table
+from ..report import fmt_num, fmt_ratio, md_table, save_figure
 
 NAME = "protect"
 TITLE = "protect — write-protecting 1 MiB … 1 GiB of written data"
@@ -541,8 +541,5 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "protect.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "protect")
     return [path]

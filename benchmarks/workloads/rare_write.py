@@ -41,7 +41,7 @@ import prmem
 from .. import peers
 from ..harness import (PAGE_SIZE, Budget, BufferReader, RunContext, batch_loop, gc_paused,
                        new_samples, per_call_loop, ratio, summarize, usable_cpus)
-from ..report import fmt_num, fmt_ratio, md_table, targets_table
+from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
 NAME = "rare_write"
 TITLE = "rare_write — one 8-byte update of write-protected memory"
@@ -398,7 +398,6 @@ def summary(result: Dict[str, Any]) -> List[List[str]]:
 
 
 def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
-    import os
 
     rows = [r for r in result["rows"] if r["calls"]]
     labels = []
@@ -427,8 +426,5 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
     ax.set_xlabel("ns per 8-byte update (log)")
     ax.set_title("rare_write: latency alone and with a concurrent reader")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "rare_write.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "rare_write")
     return [path]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import random
 from typing import Any, Callable, Dict, List, Optional
 
@@ -31,7 +30,7 @@ import prmem
 from .. import peers
 from ..harness import (RunContext, gc_paused, minor_faults, perf_ns, ratio, rss_bytes, smaps_range,
                        summarize)
-from ..report import fmt_num, fmt_ratio, md_table, targets_table
+from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
 NAME = "read"
 TITLE = "read — numpy sum() of 64 MiB in protected memory"
@@ -400,8 +399,5 @@ def plot(result: Dict[str, Any], out_dir: str, plt: Any) -> List[str]:
     ax.set_title("read: numpy sum() over protected and ordinary memory")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "read.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(plt, fig, out_dir, "read")
     return [path]

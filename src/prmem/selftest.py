@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import List, Optional
+from typing import List
 
 # Code shared by every child.  `outcome(x)` reports a non-fatal result;
 # `armed()` is printed just before a write that must kill the child, so a
