@@ -8,17 +8,6 @@
 
 /* ---------------------------------------------------------------- helpers */
 
-PRMEM_INTERNAL const char *
-prmem_state_name(int state)
-{
-    switch (state) {
-    case PRMEM_WRITABLE: return "WRITABLE";
-    case PRMEM_WRITE_RARE: return "WRITE_RARE";
-    case PRMEM_READ_ONLY: return "READ_ONLY";
-    default: return "?";
-    }
-}
-
 static prmem_module_state *state_from_type(PyTypeObject *type);
 
 /* With pool->lock held: refuse pools that were never initialised or are
@@ -282,9 +271,26 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
                         "'memfd_secret' is missing from prmem.features)");
         return -1;
     }
+    /* An exact str copy: formatting a user subclass could run Python code,
+     * and the C copy lets messages be built while the pool lock is held. */
+    PyObject *exact_name = PyUnicode_FromObject(name);
+    if (exact_name == NULL)
+        return -1;
+    Py_ssize_t name_len;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(exact_name, &name_len);
+    char *cname = utf8 ? PyMem_RawMalloc((size_t)name_len + 1) : NULL;
+    if (cname == NULL) {
+        Py_DECREF(exact_name);
+        if (utf8 != NULL)
+            PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(cname, utf8, (size_t)name_len + 1);
     POOL_LOCK(self);
     if (self->ready) {
         POOL_UNLOCK(self);
+        Py_DECREF(exact_name);
+        PyMem_RawFree(cname);
         PyErr_SetString(PyExc_RuntimeError, "prmem pool is already initialised");
         return -1;
     }
@@ -302,10 +308,12 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     self->lock_requested = lock || secret;
     self->refill = ((size_t)refill + prmem_page_size - 1) & ~(prmem_page_size - 1);
     self->next_chunk_size = (size_t)16 << 20;
-    Py_INCREF(name);
-    Py_SETREF(self->name, name);
+    PyObject *placeholder = self->name;
+    self->name = exact_name;
+    self->cname = cname;
     self->ready = 1;
     POOL_UNLOCK(self);
+    Py_XDECREF(placeholder);
     prmem_registry_add(self);
     return 0;
 }
@@ -326,6 +334,7 @@ Pool_dealloc(PoolObject *self)
     }
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->name);
+    PyMem_RawFree(self->cname);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }

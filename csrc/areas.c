@@ -232,10 +232,7 @@ chunk_new(PoolObject *pool, size_t size)
     /* memfd names show up in /proc/PID/maps as "/memfd:prmem:<pool>"; the
      * kernel limits them to 249 bytes. */
     char name[250];
-    const char *pool_name = PyUnicode_AsUTF8(pool->name);
-    if (pool_name == NULL)
-        return -1;
-    snprintf(name, sizeof(name), "prmem:%s", pool_name);
+    snprintf(name, sizeof(name), "prmem:%s", pool->cname);
 
     /* Without memfd_create() (Linux < 3.17, or filtered by seccomp) the
      * fallback is an unnamed tmpfs file: pwrite() and shared mappings work

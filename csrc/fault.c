@@ -315,7 +315,7 @@ uninstall_locked(void)
 PRMEM_INTERNAL void
 prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
-    const char *name = PyUnicode_AsUTF8(pool->name);
+    const char *name = pool->cname;
     pthread_mutex_lock(&ranges_lock);
     for (int i = 0; i < MAX_RANGES; i++) {
         if (ranges[i].end != 0)
@@ -325,10 +325,6 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
         r->pool = pool;
         r->mode = pool->mode;
         r->sealed = 0;
-        if (name == NULL) {
-            PyErr_Clear();
-            name = "?";
-        }
         strncpy(r->name, name, NAME_LEN - 1);
         r->name[NAME_LEN - 1] = '\0';
         __atomic_store_n(&r->end, (uintptr_t)start + size, __ATOMIC_RELEASE);

@@ -114,7 +114,8 @@ typedef struct PoolObject {
     int closed;             /* section after mark_init_done(): no allocations */
     size_t refill;          /* minimum area size, page-rounded */
     size_t next_chunk_size; /* reservation size for the next chunk */
-    PyObject *name;         /* str */
+    PyObject *name;         /* exact str (a copy, never a user subclass) */
+    char *cname;            /* the name as UTF-8, for messages built under the lock */
     prmem_chunk *chunks;
     size_t nchunks, chunks_cap;
     prmem_area *areas;
@@ -159,6 +160,17 @@ extern PRMEM_INTERNAL unsigned prmem_features;
 /* 0 when PRMEM_ENFORCE=0: states and checks as usual, pages never protected */
 extern PRMEM_INTERNAL int prmem_enforce;
 
+static inline const char *
+prmem_state_name(int state)
+{
+    switch (state) {
+    case PRMEM_WRITABLE: return "WRITABLE";
+    case PRMEM_WRITE_RARE: return "WRITE_RARE";
+    case PRMEM_READ_ONLY: return "READ_ONLY";
+    default: return "?";
+    }
+}
+
 #define POOL_LOCK(p) pthread_mutex_lock(&(p)->lock)
 #define POOL_UNLOCK(p) pthread_mutex_unlock(&(p)->lock)
 
@@ -183,7 +195,6 @@ PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 PRMEM_INTERNAL extern PyType_Spec prmem_pool_spec;
 PRMEM_INTERNAL extern PyType_Spec prmem_allocation_spec;
 PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool);
-PRMEM_INTERNAL const char *prmem_state_name(int state);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,
