@@ -28,7 +28,9 @@ setup(
             sources=[
                 "csrc/module.c",
                 "csrc/areas.c",
+                "csrc/seal.c",
                 "csrc/allocator.c",
+                "csrc/allocation.c",
                 "csrc/rare.c",
                 "csrc/fault.c",
                 "csrc/fork.c",

@@ -10,32 +10,98 @@
 
 static prmem_module_state *state_from_type(PyTypeObject *type);
 
-/* With pool->lock held: refuse pools that were never initialised or are
- * destroyed. */
+/* For methods called on a Pool whose __init__ never ran (no module state
+ * yet): checked before the lock is taken. */
 PRMEM_INTERNAL int
-prmem_check_usable(PoolObject *pool)
+prmem_raise_uninitialised(PyObject *pool)
 {
-    if (!pool->ready) {
-        prmem_module_state *st = state_from_type(Py_TYPE(pool));
-        if (st != NULL)
-            PyErr_SetString(st->PrmemError,
-                            "prmem pool is not initialised (Pool.__init__ was not called)");
-        return -1;
-    }
-    if (pool->destroyed) {
-        PyErr_Format(pool->mstate->PoolDestroyedError,
-                     "prmem pool %R has been destroyed", pool->name);
-        return -1;
-    }
-    if (pool->fork_errno) {
-        PyErr_Format(pool->mstate->PrmemError,
-                     "prmem pool %R is unusable in this forked child: its memory could "
-                     "not be copied privately (%s), so it was made inaccessible rather "
-                     "than shared with the parent",
-                     pool->name, strerror(pool->fork_errno));
-        return -1;
-    }
+    prmem_module_state *st = state_from_type(Py_TYPE(pool));
+    if (st != NULL)
+        PyErr_SetString(st->PrmemError,
+                        "prmem pool is not initialised (Pool.__init__ was not called)");
+    return -1;
+}
+
+#define REFUSE_UNINITIALISED(pool, rv)                         \
+    do {                                                       \
+        if (!(pool)->ready) {                                  \
+            prmem_raise_uninitialised((PyObject *)(pool));     \
+            return rv;                                         \
+        }                                                      \
+    } while (0)
+
+/* With pool->lock held: refuse pools that are destroyed or unusable. */
+PRMEM_INTERNAL int
+prmem_check_usable(PoolObject *pool, prmem_error *e)
+{
+    if (!pool->ready) /* only while another thread runs __init__ */
+        return prmem_fail(e, PyExc_RuntimeError, "prmem pool is not initialised yet");
+    if (pool->destroyed)
+        return prmem_fail(e, pool->mstate->PoolDestroyedError,
+                          "prmem pool '%.200s' has been destroyed", pool->cname);
+    if (pool->broken_errno)
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s' is unusable: a failed re-mapping of its memory "
+                          "could not be undone (%s)",
+                          pool->cname, strerror(pool->broken_errno));
     return 0;
+}
+
+/* With pool->lock held: refuse changes to a pool whose memory may not
+ * change here (on top of prmem_check_usable). */
+PRMEM_INTERNAL int
+prmem_check_changeable(PoolObject *pool, prmem_error *e)
+{
+    if (prmem_check_usable(pool, e) < 0)
+        return -1;
+    if (pool->fork_errno)
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s' cannot change in this forked child: its memory "
+                          "could not be given a private file of its own (%s), so the child "
+                          "has a private read-only snapshot of it as of the fork; reads work, "
+                          "changes through prmem do not",
+                          pool->cname, strerror(pool->fork_errno));
+    return 0;
+}
+
+/*
+ * With pool->lock held: bring the fault report's registry up to date with
+ * the chunk table (new chunks, chunks sealed and trimmed) and note that
+ * memory became protected, so prmem_fault_sync() installs the handler
+ * after unlocking.  Pure C (fault.c takes only its own leaf lock).
+ */
+PRMEM_INTERNAL void
+prmem_sync_fault_registry(PoolObject *pool)
+{
+    for (size_t ci = 0; ci < pool->nchunks; ci++) {
+        prmem_chunk *ch = &pool->chunks[ci];
+        if (!ch->registered && prmem_fault_register(pool, ch->base, ch->size) == 0)
+            ch->registered = 1;
+        if (ch->registered && ch->sealed && !ch->reported_sealed) {
+            prmem_fault_sealed(ch->base, ch->size);
+            ch->reported_sealed = 1;
+        }
+    }
+    if (pool->protect_event) {
+        pool->protect_event = 0;
+        prmem_fault_protected();
+    }
+}
+
+/* Tell the fault report the pool's ranges are going away (destroy). */
+static void
+forget_fault_ranges(PoolObject *pool)
+{
+    for (size_t ci = 0; ci < pool->nchunks; ci++) {
+        prmem_chunk *ch = &pool->chunks[ci];
+        if (!ch->registered)
+            continue;
+        if (ch->msealed)
+            prmem_fault_orphan(ch->base); /* still mapped and protected */
+        else
+            prmem_fault_unregister(ch->base);
+        ch->registered = 0;
+    }
 }
 
 /* Parse a size argument: an int > 0.  Sizes beyond Py_ssize_t are clipped
@@ -125,20 +191,22 @@ parse_alloc_kwargs(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 static PyObject *
 pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, size_t init_len)
 {
-    if (!self->ready)
-        return prmem_check_usable(self), NULL; /* mstate is not set yet */
+    REFUSE_UNINITIALISED(self, NULL);
+    /* created before locking: allocating a Python object can run the
+     * collector, hence finalisers */
     AllocationObject *obj = PyObject_New(AllocationObject, self->mstate->AllocationType);
     if (obj == NULL)
         return NULL;
     obj->pool = NULL;
 
+    prmem_error e;
     POOL_LOCK(self);
-    if (prmem_check_usable(self) < 0)
+    if (prmem_check_changeable(self, &e) < 0)
         goto fail;
     if (self->closed) {
-        PyErr_Format(self->mstate->ProtectionError,
-                     "%U is closed: allocations are only possible before "
-                     "prmem.mark_init_done()", self->name);
+        prmem_fail(&e, self->mstate->ProtectionError,
+                   "%.200s is closed: allocations are only possible before "
+                   "prmem.mark_init_done()", self->cname);
         goto fail;
     }
     size_t align = (size_t)1 << align_order;
@@ -152,7 +220,9 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
             addr = (char *)q;
     }
     if (addr == NULL) {
-        if (prmem_area_open(self, size) < 0)
+        int rc = prmem_area_open(self, size, &e);
+        prmem_sync_fault_registry(self); /* also after a failure: AUTO modes */
+        if (rc < 0)
             goto fail;
         addr = self->areas[self->cur_area].start;
     }
@@ -160,7 +230,7 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
-        else if (prmem_file_write(self, area, addr, init, init_len, 0) < 0)
+        else if (prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
             goto fail;
     }
     self->cur_off = (size_t)(addr + size - area->start);
@@ -177,8 +247,9 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
 
 fail:
     POOL_UNLOCK(self);
+    prmem_fault_sync();
     Py_DECREF(obj);
-    return NULL;
+    return prmem_raise(&e);
 }
 
 /* ---------------------------------------------------------------- Pool */
@@ -201,22 +272,23 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+static void Pool_dealloc(PoolObject *self);
+
 static prmem_module_state *
 state_from_type(PyTypeObject *type)
 {
-    /* Walk the MRO to the C base type (Python subclasses have no module). */
+    /* Walk the MRO to the C base type (Python subclasses have no module):
+     * the one whose instances this file deallocates. */
     PyObject *mro = type->tp_mro;
     for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro); i++) {
         PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
-        if (!(t->tp_flags & Py_TPFLAGS_HEAPTYPE))
+        if (!(t->tp_flags & Py_TPFLAGS_HEAPTYPE) ||
+            PyType_GetSlot(t, Py_tp_dealloc) != (void *)Pool_dealloc)
             continue;
         PyObject *mod = PyType_GetModule(t);
-        if (mod == NULL) {
-            PyErr_Clear();
-            continue;
-        }
-        if (PyModule_GetDef(mod) == prmem_moduledef_ptr())
+        if (mod != NULL)
             return (prmem_module_state *)PyModule_GetState(mod);
+        PyErr_Clear();
     }
     PyErr_SetString(PyExc_TypeError, "not a prmem pool type");
     return NULL;
@@ -326,11 +398,13 @@ Pool_dealloc(PoolObject *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     prmem_registry_remove(self);
     /* No allocation or buffer view can be alive: each holds a reference. */
-    if (self->ready && !self->destroyed)
+    if (self->ready && !self->destroyed) {
+        forget_fault_ranges(self);
         prmem_pool_release(self);
+    }
     else {
-        PyMem_Free(self->chunks);
-        PyMem_Free(self->areas);
+        PyMem_RawFree(self->chunks);
+        PyMem_RawFree(self->areas);
     }
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->name);
@@ -411,32 +485,36 @@ Pool_strdup(PoolObject *self, PyObject *data)
 
 /* With the lock held: protect every area per the mode. */
 static int
-protect_locked(PoolObject *self)
+protect_locked(PoolObject *self, prmem_error *e)
 {
-    if (prmem_check_usable(self) < 0)
+    if (prmem_check_changeable(self, e) < 0)
         return -1;
-    if (self->wexports > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot protect pool %R: %zd writable buffer view(s) of its "
-                     "memory are still alive; release them first",
-                     self->name, self->wexports);
-        return -1;
-    }
+    if (self->wexports > 0)
+        return prmem_fail(e, PyExc_BufferError,
+                          "cannot protect pool '%.200s': %zd writable buffer view(s) of its "
+                          "memory are still alive; release them first",
+                          self->cname, self->wexports);
+    int rc;
     if (self->mode == PRMEM_MODE_RO || self->mode == PRMEM_MODE_AUTO_RO)
-        return prmem_seal_all(self);
-    return prmem_make_write_rare(self);
+        rc = prmem_seal_all(self, e);
+    else
+        rc = prmem_make_write_rare(self, e);
+    prmem_sync_fault_registry(self);
+    return rc;
 }
 
 static PyObject *
 Pool_protect(PoolObject *self, PyObject *unused)
 {
     (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    prmem_error e;
     POOL_LOCK(self);
-    int rc = protect_locked(self);
+    int rc = protect_locked(self, &e);
     POOL_UNLOCK(self);
     prmem_fault_sync();
     if (rc < 0)
-        return NULL;
+        return prmem_raise(&e);
     Py_RETURN_NONE;
 }
 
@@ -446,55 +524,115 @@ static PyObject *
 Pool_finish_init(PoolObject *self, PyObject *unused)
 {
     (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    prmem_error e;
     POOL_LOCK(self);
     int rc = 0, done = self->closed;
-    if (!self->section) {
-        PyErr_SetString(PyExc_TypeError, "only after-init sections can finish init");
-        rc = -1;
-    }
+    if (!self->section)
+        rc = prmem_fail(&e, PyExc_TypeError, "only after-init sections can finish init");
     else if (!done) {
-        rc = protect_locked(self);
+        rc = protect_locked(self, &e);
         if (rc == 0)
             self->closed = 1;
     }
     POOL_UNLOCK(self);
     prmem_fault_sync();
     if (rc < 0)
-        return NULL;
+        return prmem_raise(&e);
     return PyBool_FromLong(!done);
+}
+
+/* seal=True memory of destroyed pools stays mapped and resident until the
+ * process exits (mseal()ed ranges cannot be unmapped).  Say so once the
+ * process has left PRMEM_SEALED_LEFTOVER_WARN such chunks behind, and again
+ * at each doubling: each keeps at least one mapping (vm.max_map_count) and
+ * its memory. */
+#define PRMEM_SEALED_LEFTOVER_WARN 1000
+static size_t next_leftover_warning = PRMEM_SEALED_LEFTOVER_WARN;
+
+static void
+warn_sealed_leftovers(void)
+{
+    size_t chunks, bytes;
+    prmem_sealed_leftovers(&chunks, &bytes);
+    if (chunks < next_leftover_warning)
+        return;
+    next_leftover_warning = chunks * 2;
+    if (PyErr_WarnFormat(PyExc_ResourceWarning, 1,
+                         "prmem: %zu chunks (%zu bytes) of destroyed seal=True pools stay "
+                         "mapped and in memory until the process exits: mseal()ed memory can "
+                         "never be unmapped. Use seal=True for data that lives as long as the "
+                         "process, and replace_pool() without seal for data that is rebuilt",
+                         chunks, bytes) < 0)
+        PyErr_WriteUnraisable(NULL);
 }
 
 static PyObject *
 Pool_destroy(PoolObject *self, PyObject *unused)
 {
     (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    prmem_error e;
     POOL_LOCK(self);
-    if (self->ready && self->destroyed) {
+    if (self->destroyed) {
         POOL_UNLOCK(self); /* destroying twice is a no-op */
         Py_RETURN_NONE;
     }
-    if (prmem_check_usable(self) < 0)
-        goto fail;
     if (self->section) {
-        PyErr_Format(self->mstate->ProtectionError,
-                     "%U cannot be destroyed: after-init sections live as long as the process",
-                     self->name);
+        prmem_fail(&e, self->mstate->ProtectionError,
+                   "%.200s cannot be destroyed: after-init sections live as long as the "
+                   "process", self->cname);
         goto fail;
     }
     if (self->exports > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot destroy pool %R: %zd buffer view(s) of its memory "
-                     "are still alive; release them first",
-                     self->name, self->exports);
+        prmem_fail(&e, PyExc_BufferError,
+                   "cannot destroy pool '%.200s': %zd buffer view(s) of its memory "
+                   "are still alive; release them first",
+                   self->cname, self->exports);
         goto fail;
     }
+    forget_fault_ranges(self);
     prmem_pool_release(self);
     self->destroyed = 1;
     POOL_UNLOCK(self);
+    warn_sealed_leftovers();
     Py_RETURN_NONE;
 fail:
     POOL_UNLOCK(self);
-    return NULL;
+    return prmem_raise(&e);
+}
+
+/* Pool._verify() -> (count, [(area, start, end, problem, perms), ...]): what
+ * /proc/self/maps shows that does not match the pool's areas (the first
+ * 16 findings); Pool.verify() in Python turns them into ProtectionError. */
+static PyObject *
+Pool_verify(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    enum { MAX_FINDINGS = 16 };
+    prmem_verify_finding found[MAX_FINDINGS];
+    prmem_error e;
+    POOL_LOCK(self);
+    Py_ssize_t n = -1;
+    if (prmem_check_usable(self, &e) == 0)
+        n = prmem_verify(self, found, MAX_FINDINGS, &e);
+    POOL_UNLOCK(self);
+    if (n < 0)
+        return prmem_raise(&e);
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t i = 0; list != NULL && i < n && i < MAX_FINDINGS; i++) {
+        PyObject *item = Py_BuildValue("(nkkis)", (Py_ssize_t)found[i].area,
+                                       (unsigned long)found[i].start,
+                                       (unsigned long)found[i].end, found[i].problem,
+                                       found[i].perms);
+        if (item == NULL || PyList_Append(list, item) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(item);
+    }
+    if (list == NULL)
+        return NULL;
+    return Py_BuildValue("(nN)", n, list);
 }
 
 static int
@@ -512,16 +650,18 @@ static PyObject *
 Pool_stats(PoolObject *self, PyObject *unused)
 {
     (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
     PyObject *d = PyDict_New();
     if (d == NULL)
         return NULL;
     size_t by_state[PRMEM_NSTATES] = {0, 0, 0};
-    size_t mapped = 0, reserved = 0, sealed_chunks = 0, free_bytes = 0;
+    size_t mapped = 0, reserved = 0, sealed_chunks = 0, free_bytes = 0, descriptors = 0;
+    prmem_error e;
     POOL_LOCK(self);
-    if (prmem_check_usable(self) < 0) {
+    if (prmem_check_usable(self, &e) < 0) {
         POOL_UNLOCK(self);
         Py_DECREF(d);
-        return NULL;
+        return prmem_raise(&e);
     }
     for (size_t i = 0; i < self->nareas; i++) {
         by_state[self->areas[i].state]++;
@@ -530,6 +670,7 @@ Pool_stats(PoolObject *self, PyObject *unused)
     for (size_t i = 0; i < self->nchunks; i++) {
         reserved += self->chunks[i].size;
         sealed_chunks += self->chunks[i].sealed != 0;
+        descriptors += self->chunks[i].fd >= 0;
     }
     if (self->cur_area >= 0)
         free_bytes = self->areas[self->cur_area].size - self->cur_off;
@@ -539,7 +680,7 @@ Pool_stats(PoolObject *self, PyObject *unused)
         by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
         (size_t)self->exports, (size_t)self->wexports, (size_t)self->mode,
         (size_t)self->secret, (size_t)self->dontdump, (size_t)self->lock_requested,
-        (size_t)self->seal,
+        (size_t)self->seal, descriptors,
     };
     POOL_UNLOCK(self);
     static const char *keys[] = {
@@ -547,7 +688,7 @@ Pool_stats(PoolObject *self, PyObject *unused)
         "bytes_requested", "bytes_mapped", "bytes_reserved", "bytes_lost_to_protection",
         "bytes_free", "areas_writable", "areas_write_rare", "areas_read_only",
         "buffer_views", "writable_buffer_views", "mode",
-        "secret", "dontdump", "locked", "seal",
+        "secret", "dontdump", "locked", "seal", "descriptors",
     };
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
         if (dict_set_size(d, keys[i], vals[i]) < 0) {
@@ -629,6 +770,8 @@ static PyMethodDef Pool_methods[] = {
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
     {"_stats", (PyCFunction)Pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_verify", (PyCFunction)Pool_verify, METH_NOARGS,
+     "Findings of the mapping check behind Pool.verify()."},
     {"_finish_init", (PyCFunction)Pool_finish_init, METH_NOARGS,
      "Sections: protect and close to allocations (prmem.mark_init_done())."},
     {"rare_write", (PyCFunction)(void (*)(void))prmem_pool_rare_write,
@@ -684,416 +827,3 @@ PRMEM_INTERNAL PyType_Spec prmem_pool_spec = {
     .slots = Pool_slots,
 };
 
-/* ---------------------------------------------------------- Allocation */
-
-static void
-Allocation_dealloc(AllocationObject *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    Py_XDECREF(self->pool);
-    PyObject_Free(self);
-    Py_DECREF(tp);
-}
-
-static PyObject *
-Allocation_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    (void)type;
-    (void)args;
-    (void)kwds;
-    PyErr_SetString(PyExc_TypeError,
-                    "Allocation objects are created by Pool.alloc() and friends");
-    return NULL;
-}
-
-/* Lock the allocation's pool and check it is alive; on success returns the
- * pool with its lock held. */
-static PoolObject *
-lock_live(AllocationObject *self)
-{
-    PoolObject *pool = self->pool;
-    POOL_LOCK(pool);
-    if (prmem_check_usable(pool) < 0) {
-        POOL_UNLOCK(pool);
-        return NULL;
-    }
-    return pool;
-}
-
-PRMEM_INTERNAL int
-prmem_refuse_write(PoolObject *pool, int state)
-{
-    PyErr_Format(pool->mstate->ProtectionError,
-                 "cannot write to %s memory of prmem pool %R%s", prmem_state_name(state),
-                 pool->name,
-                 state == PRMEM_WRITE_RARE ? " (use rare_write())" : "");
-    return -1;
-}
-
-static int
-Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
-{
-    PoolObject *pool = lock_live(self);
-    if (pool == NULL)
-        return -1;
-    prmem_area *area = &pool->areas[self->area];
-    int writable = area->state == PRMEM_WRITABLE;
-    if ((flags & PyBUF_WRITABLE) && !writable) {
-        prmem_refuse_write(pool, area->state);
-        POOL_UNLOCK(pool);
-        return -1;
-    }
-    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, (Py_ssize_t)self->size,
-                          !writable, flags) < 0) {
-        POOL_UNLOCK(pool);
-        return -1;
-    }
-    view->internal = (void *)(intptr_t)writable;
-    pool->exports++;
-    if (writable) {
-        area->wexports++;
-        pool->wexports++;
-    }
-    POOL_UNLOCK(pool);
-    return 0;
-}
-
-static void
-Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
-{
-    PoolObject *pool = self->pool;
-    POOL_LOCK(pool);
-    pool->exports--;
-    if (view->internal != NULL) {
-        pool->areas[self->area].wexports--;
-        pool->wexports--;
-    }
-    POOL_UNLOCK(pool);
-}
-
-static Py_ssize_t
-Allocation_length(AllocationObject *self)
-{
-    return (Py_ssize_t)self->size;
-}
-
-/* Resolve an index or slice against the allocation: start, step, count. */
-static int
-resolve_key(AllocationObject *self, PyObject *key, Py_ssize_t *start, Py_ssize_t *step,
-            Py_ssize_t *count, int *is_index)
-{
-    Py_ssize_t n = (Py_ssize_t)self->size;
-    if (PyIndex_Check(key)) {
-        Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
-        if (i == -1 && PyErr_Occurred())
-            return -1;
-        if (i < 0)
-            i += n;
-        if (i < 0 || i >= n) {
-            PyErr_SetString(PyExc_IndexError, "allocation index out of range");
-            return -1;
-        }
-        *start = i;
-        *step = 1;
-        *count = 1;
-        *is_index = 1;
-        return 0;
-    }
-    if (PySlice_Check(key)) {
-        Py_ssize_t stop;
-        if (PySlice_Unpack(key, start, &stop, step) < 0)
-            return -1;
-        *count = PySlice_AdjustIndices(n, start, &stop, *step);
-        *is_index = 0;
-        return 0;
-    }
-    PyErr_Format(PyExc_TypeError, "allocation indices must be integers or slices, not %.100s",
-                 Py_TYPE(key)->tp_name);
-    return -1;
-}
-
-static PyObject *
-Allocation_subscript(AllocationObject *self, PyObject *key)
-{
-    Py_ssize_t start, step, count;
-    int is_index;
-    if (resolve_key(self, key, &start, &step, &count, &is_index) < 0)
-        return NULL;
-    PyObject *result = is_index ? NULL : PyBytes_FromStringAndSize(NULL, count);
-    if (!is_index && result == NULL)
-        return NULL;
-    PoolObject *pool = lock_live(self);
-    if (pool == NULL) {
-        Py_XDECREF(result);
-        return NULL;
-    }
-    if (is_index) {
-        unsigned char b = (unsigned char)self->addr[start];
-        POOL_UNLOCK(pool);
-        return PyLong_FromLong(b);
-    }
-    char *out = PyBytes_AS_STRING(result);
-    if (step == 1)
-        memcpy(out, self->addr + start, (size_t)count);
-    else
-        for (Py_ssize_t i = 0; i < count; i++)
-            out[i] = self->addr[start + i * step];
-    POOL_UNLOCK(pool);
-    return result;
-}
-
-/* Copy src into [start, start+count*step) after checking, under the pool
- * lock, that the memory is WRITABLE.  Nothing changes on error. */
-static int
-checked_store(AllocationObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssize_t count,
-              const char *src)
-{
-    PoolObject *pool = lock_live(self);
-    if (pool == NULL)
-        return -1;
-    int state = pool->areas[self->area].state;
-    if (state != PRMEM_WRITABLE) {
-        prmem_refuse_write(pool, state);
-        POOL_UNLOCK(pool);
-        return -1;
-    }
-    if (step == 1)
-        memmove(self->addr + start, src, (size_t)count);
-    else
-        for (Py_ssize_t i = 0; i < count; i++)
-            self->addr[start + i * step] = src[i];
-    POOL_UNLOCK(pool);
-    return 0;
-}
-
-static int
-Allocation_ass_subscript(AllocationObject *self, PyObject *key, PyObject *value)
-{
-    Py_ssize_t start, step, count;
-    int is_index;
-    if (value == NULL) {
-        PyErr_SetString(PyExc_TypeError, "cannot delete bytes of a prmem allocation");
-        return -1;
-    }
-    if (resolve_key(self, key, &start, &step, &count, &is_index) < 0)
-        return -1;
-    if (is_index) {
-        long v = PyLong_Check(value) ? PyLong_AsLong(value) : -2;
-        if (v == -1 && PyErr_Occurred())
-            return -1;
-        if (v < 0 || v > 255) {
-            PyErr_SetString(PyExc_ValueError, "byte must be an int in range(0, 256)");
-            return -1;
-        }
-        char c = (char)v;
-        return checked_store(self, start, 1, 1, &c);
-    }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(value, &buf, PyBUF_SIMPLE) < 0)
-        return -1;
-    int rc = -1;
-    if (buf.len != count)
-        PyErr_Format(PyExc_ValueError,
-                     "cannot resize a prmem allocation: slice has %zd bytes, data has %zd",
-                     count, buf.len);
-    else
-        rc = checked_store(self, start, step, count, buf.buf);
-    PyBuffer_Release(&buf);
-    return rc;
-}
-
-/* Parse (data, offset) style arguments shared by write() and rare_write():
- * returns 0 with buf filled and *offset in bounds. */
-PRMEM_INTERNAL int
-prmem_get_data_and_offset(AllocationObject *self, PyObject *data, PyObject *offset_obj,
-                    Py_buffer *buf, Py_ssize_t *offset)
-{
-    Py_ssize_t off = 0;
-    if (offset_obj != NULL) {
-        if (!PyIndex_Check(offset_obj)) {
-            PyErr_Format(PyExc_TypeError, "offset must be an int, not %.100s",
-                         Py_TYPE(offset_obj)->tp_name);
-            return -1;
-        }
-        off = PyNumber_AsSsize_t(offset_obj, NULL);
-        if (off == -1 && PyErr_Occurred())
-            return -1;
-    }
-    if (PyObject_GetBuffer(data, buf, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (off < 0 || (size_t)off > self->size || (size_t)buf->len > self->size - (size_t)off) {
-        PyErr_Format(PyExc_ValueError,
-                     "write of %zd bytes at offset %R is outside the allocation (%zu bytes)",
-                     buf->len, offset_obj ? offset_obj : Py_None, self->size);
-        PyBuffer_Release(buf);
-        return -1;
-    }
-    *offset = off;
-    return 0;
-}
-
-/* Parse METH_FASTCALL|METH_KEYWORDS arguments by name into vals[] (borrowed
- * references, NULL where not given). */
-PRMEM_INTERNAL int
-prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                 const char *const *names, Py_ssize_t nrequired, Py_ssize_t nnames,
-                 PyObject **vals)
-{
-    for (Py_ssize_t j = 0; j < nnames; j++)
-        vals[j] = NULL;
-    if (nargs > nnames) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", fname,
-                     nnames, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nargs; i++)
-        vals[i] = args[i];
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        Py_ssize_t slot = -1;
-        for (Py_ssize_t j = 0; j < nnames; j++)
-            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0)
-                slot = j;
-        if (slot < 0 || vals[slot] != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument %R",
-                         fname, key);
-            return -1;
-        }
-        vals[slot] = args[nargs + i];
-    }
-    for (Py_ssize_t j = 0; j < nrequired; j++) {
-        if (vals[j] == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
-                         names[j]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static PyObject *
-Allocation_write(AllocationObject *self, PyObject *const *args, Py_ssize_t nargs,
-                 PyObject *kwnames)
-{
-    static const char *const names[] = {"data", "offset"};
-    PyObject *vals[2];
-    if (prmem_parse_args("write", args, nargs, kwnames, names, 1, 2, vals) < 0)
-        return NULL;
-    Py_buffer buf;
-    Py_ssize_t off;
-    if (prmem_get_data_and_offset(self, vals[0], vals[1], &buf, &off) < 0)
-        return NULL;
-    int rc = checked_store(self, off, 1, buf.len, buf.buf);
-    PyBuffer_Release(&buf);
-    if (rc < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-Allocation_get_address(AllocationObject *self, void *closure)
-{
-    (void)closure;
-    PoolObject *pool = lock_live(self);
-    if (pool == NULL)
-        return NULL;
-    POOL_UNLOCK(pool);
-    return PyLong_FromVoidPtr(self->addr);
-}
-
-static PyObject *
-Allocation_get_size(AllocationObject *self, void *closure)
-{
-    (void)closure;
-    return PyLong_FromSize_t(self->size);
-}
-
-static PyObject *
-Allocation_get_state(AllocationObject *self, void *closure)
-{
-    (void)closure;
-    PoolObject *pool = lock_live(self);
-    if (pool == NULL)
-        return NULL;
-    int state = pool->areas[self->area].state;
-    POOL_UNLOCK(pool);
-    PyObject *members = pool->mstate->state_members;
-    if (members != NULL && PyTuple_GET_SIZE(members) == PRMEM_NSTATES) {
-        PyObject *m = PyTuple_GET_ITEM(members, state);
-        Py_INCREF(m);
-        return m;
-    }
-    return PyLong_FromLong(state);
-}
-
-static PyObject *
-Allocation_get_pool(AllocationObject *self, void *closure)
-{
-    (void)closure;
-    Py_INCREF(self->pool);
-    return (PyObject *)self->pool;
-}
-
-static PyObject *
-Allocation_repr(AllocationObject *self)
-{
-    PoolObject *pool = self->pool;
-    POOL_LOCK(pool);
-    int dead = pool->destroyed;
-    int state = dead ? 0 : pool->areas[self->area].state;
-    POOL_UNLOCK(pool);
-    if (dead)
-        return PyUnicode_FromFormat("<prmem.Allocation of destroyed pool %R, size=%zu>",
-                                    pool->name, self->size);
-    return PyUnicode_FromFormat("<prmem.Allocation pool=%R address=%p size=%zu state=%s>",
-                                pool->name, self->addr, self->size, prmem_state_name(state));
-}
-
-static PyMethodDef Allocation_methods[] = {
-    {"write", (PyCFunction)(void (*)(void))Allocation_write, METH_FASTCALL | METH_KEYWORDS,
-     "write(data, offset=0) -> None\n\n"
-     "Copy bytes-like data into the allocation at offset.  Only while the\n"
-     "memory is WRITABLE: otherwise ProtectionError, and nothing changes.\n"
-     "ValueError if the data does not fit inside the allocation."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef Allocation_getset[] = {
-    {"address", (getter)Allocation_get_address, NULL,
-     "Start address as an int (usable with ctypes).", NULL},
-    {"size", (getter)Allocation_get_size, NULL, "Size in bytes.", NULL},
-    {"state", (getter)Allocation_get_state, NULL,
-     "prmem.State of the memory: WRITABLE, WRITE_RARE or READ_ONLY.", NULL},
-    {"pool", (getter)Allocation_get_pool, NULL, "The pool the memory belongs to.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyType_Slot Allocation_slots[] = {
-    {Py_tp_doc,
-     "A range of protectable memory handed out by a prmem pool.\n\n"
-     "Supports len(), indexing and slicing (reads return ints/bytes), the\n"
-     "buffer protocol (read-only unless the memory is WRITABLE), and\n"
-     "write()/item assignment while WRITABLE."},
-    {Py_tp_new, Allocation_new},
-    {Py_tp_dealloc, Allocation_dealloc},
-    {Py_tp_repr, Allocation_repr},
-    {Py_tp_methods, Allocation_methods},
-    {Py_tp_getset, Allocation_getset},
-    {Py_mp_length, Allocation_length},
-    {Py_mp_subscript, Allocation_subscript},
-    {Py_mp_ass_subscript, Allocation_ass_subscript},
-    {Py_sq_length, Allocation_length},
-#if PY_VERSION_HEX >= 0x03090000
-    {Py_bf_getbuffer, Allocation_getbuffer},
-    {Py_bf_releasebuffer, Allocation_releasebuffer},
-#endif
-    {0, NULL},
-};
-
-PRMEM_INTERNAL PyType_Spec prmem_allocation_spec = {
-    .name = "prmem.Allocation",
-    .basicsize = sizeof(AllocationObject),
-    .flags = Py_TPFLAGS_DEFAULT,
-    .slots = Allocation_slots,
-};

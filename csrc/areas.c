@@ -1,6 +1,8 @@
 /*
- * Syscalls, chunks and areas: everything in prmem that talks to the kernel's
- * memory management.  See prmem.h for the layout and the locking rule.
+ * Syscalls, chunks and areas: the bottom floor of prmem's C core.  Opening
+ * areas, write-rare through the backing file, zeroing and releasing; the
+ * errors of code running under the pool lock (prmem_error).  See prmem.h for
+ * the layout and the lock rule.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -10,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,58 +22,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef MFD_CLOEXEC
-#define MFD_CLOEXEC 0x0001U
-#endif
-#ifndef MFD_ALLOW_SEALING
-#define MFD_ALLOW_SEALING 0x0002U
-#endif
-#ifndef F_ADD_SEALS
-#define F_ADD_SEALS 1033
-#define F_SEAL_SEAL 0x0001
-#define F_SEAL_SHRINK 0x0002
-#define F_SEAL_GROW 0x0004
-#define F_SEAL_WRITE 0x0008
-#endif
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010
-#endif
-#ifndef MAP_NORESERVE
-#define MAP_NORESERVE 0
-#endif
-/* Syscall numbers for calls glibc may not wrap yet (x86_64 / generic). */
-#if !defined(SYS_memfd_create) && defined(__NR_memfd_create)
-#define SYS_memfd_create __NR_memfd_create
-#endif
-#ifndef SYS_mseal
-#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
-#define SYS_mseal 462
-#endif
-#endif
-#ifndef SYS_memfd_secret
-#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
-#define SYS_memfd_secret 447
-#endif
-#endif
-#if !defined(SYS_pkey_alloc) && defined(__x86_64__)
-#define SYS_pkey_alloc 330
-#define SYS_pkey_free 331
-#endif
-
 PRMEM_INTERNAL size_t prmem_page_size;
 PRMEM_INTERNAL int prmem_page_shift;
 PRMEM_INTERNAL unsigned prmem_features;
 PRMEM_INTERNAL int prmem_enforce = 1;
-
-#ifndef MADV_DONTDUMP
-#define MADV_DONTDUMP 16
-#endif
-#ifndef MLOCK_ONFAULT
-#define MLOCK_ONFAULT 0x01
-#endif
-#if !defined(SYS_mlock2) && defined(__x86_64__)
-#define SYS_mlock2 325
-#endif
 
 /* PRMEM_ENFORCE=0 (or false/no/off) turns MMU protection off for debugging
  * with tools that dislike protected pages; anything else enforces. */
@@ -86,16 +41,85 @@ prmem_read_enforce(void)
 
 /* mprotect() that becomes a no-op when enforcement is off; callers keep
  * their state changes either way, so the API behaves identically. */
-static int
-protect_range(void *addr, size_t len, int prot)
+PRMEM_INTERNAL int
+prmem_protect_range(void *addr, size_t len, int prot)
 {
     if (!prmem_enforce)
         return 0;
     return mprotect(addr, len, prot);
 }
 
+/* ------------------------------------------------------------ errors */
+
 static int
-set_memlock_error(PoolObject *pool, const char *what, size_t size, int err)
+vfail(prmem_error *e, PyObject *type, int err, const char *fmt, va_list ap)
+{
+    e->type = type;
+    e->err = err;
+    vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
+    return -1;
+}
+
+PRMEM_INTERNAL int
+prmem_fail(prmem_error *e, PyObject *type, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(e, type, 0, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* OSError(err, message): the builtin picks the subclass that matches err. */
+PRMEM_INTERNAL int
+prmem_fail_errno(prmem_error *e, int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(e, PyExc_OSError, err, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+PRMEM_INTERNAL int
+prmem_fail_os(prmem_error *e, const char *syscall_name, int err)
+{
+    return prmem_fail_errno(e, err, "%s: %s", syscall_name, strerror(err));
+}
+
+PRMEM_INTERNAL int
+prmem_set_oserror(const char *syscall_name, int err)
+{
+    prmem_error e;
+    prmem_fail_os(&e, syscall_name, err);
+    prmem_raise(&e);
+    return -1;
+}
+
+/* Raise what was recorded under a lock; call only after unlocking. */
+PRMEM_INTERNAL void *
+prmem_raise(const prmem_error *e)
+{
+    if (e->type == NULL) {
+        PyErr_SetString(PyExc_SystemError, "prmem: an error was reported but not recorded");
+        return NULL;
+    }
+    if (e->err != 0 && PyType_IsSubtype((PyTypeObject *)e->type,
+                                        (PyTypeObject *)PyExc_OSError)) {
+        /* type(errno, msg): OSError picks PermissionError for EACCES ... */
+        PyObject *args = Py_BuildValue("(is)", e->err, e->msg);
+        if (args != NULL) {
+            PyErr_SetObject(e->type, args);
+            Py_DECREF(args);
+        }
+        return NULL;
+    }
+    PyErr_SetString(e->type, e->msg);
+    return NULL;
+}
+
+PRMEM_INTERNAL int
+prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what, size_t size, int err)
 {
     struct rlimit lim;
     char limit[64] = "unknown";
@@ -105,34 +129,48 @@ set_memlock_error(PoolObject *pool, const char *what, size_t size, int err)
         else
             snprintf(limit, sizeof(limit), "%llu bytes", (unsigned long long)lim.rlim_cur);
     }
-    PyErr_Format(PyExc_MemoryError,
-                 "prmem pool %R: cannot lock %zu more bytes in memory for %s (%s): locked "
-                 "memory is limited by RLIMIT_MEMLOCK (now %s); raise it with `ulimit -l`, "
-                 "LimitMEMLOCK= in systemd or /etc/security/limits.conf, or make the pool "
-                 "smaller",
-                 pool->name, size, what, strerror(err), limit);
-    return -1;
+    return prmem_fail(e, PyExc_MemoryError,
+                      "prmem pool '%.200s': cannot lock %zu more bytes in memory for %s (%s): "
+                      "locked memory is limited by RLIMIT_MEMLOCK (now %s); raise it with "
+                      "`ulimit -l`, LimitMEMLOCK= in systemd or /etc/security/limits.conf, or "
+                      "make the pool smaller",
+                      pool->cname, size, what, strerror(err), limit);
 }
 
-/* Largest reservation prmem makes for one chunk when it picks the size
- * itself; a single larger request still gets a chunk of its own size. */
-#define PRMEM_MAX_CHUNK_SIZE ((size_t)1 << 30)
-
-PRMEM_INTERNAL int
-prmem_set_oserror(const char *syscall_name, int err)
+static int
+fail_nomemory(PoolObject *pool, prmem_error *e, size_t size, const char *syscall_name, int err)
 {
-    /* OSError(errno, "syscall: strerror") picks the matching subclass
-     * (PermissionError for EACCES/EPERM, ...). */
-    PyObject *msg = PyUnicode_FromFormat("%s: %s", syscall_name, strerror(err));
-    if (msg == NULL)
-        return -1;
-    PyObject *args = Py_BuildValue("(iN)", err, msg);
-    if (args == NULL)
-        return -1;
-    PyErr_SetObject(PyExc_OSError, args);
-    Py_DECREF(args);
-    return -1;
+    return prmem_fail(e, PyExc_MemoryError, "prmem pool '%.200s': cannot reserve %zu bytes (%s: %s)",
+                      pool->cname, size, syscall_name, strerror(err));
 }
+
+/* Out of descriptors: say which limit, and which pools hold descriptors. */
+static int
+fail_nofile(PoolObject *pool, prmem_error *e, const char *syscall_name, int err)
+{
+    struct rlimit lim;
+    char limit[64] = "unknown";
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+        if (lim.rlim_cur == RLIM_INFINITY)
+            snprintf(limit, sizeof(limit), "unlimited");
+        else
+            snprintf(limit, sizeof(limit), "%llu", (unsigned long long)lim.rlim_cur);
+    }
+    if (err == ENFILE)
+        return prmem_fail_errno(e, err,
+                                "prmem pool '%.200s': cannot open a memory file (%s: %s): the "
+                                "system-wide file table is full (fs.file-max)",
+                                pool->cname, syscall_name, strerror(err));
+    return prmem_fail_errno(e, err,
+                            "prmem pool '%.200s': cannot open a memory file (%s: %s): this "
+                            "process has used up RLIMIT_NOFILE (%s descriptors). Each chunk of "
+                            "a pool that is not READ_ONLY holds one descriptor (sealed READ_ONLY "
+                            "chunks hold none); raise the limit with `ulimit -n` or "
+                            "resource.setrlimit(RLIMIT_NOFILE), or destroy or make_ro() pools",
+                            pool->cname, syscall_name, strerror(err), limit);
+}
+
+/* ------------------------------------------------------------ syscalls */
 
 static int
 sys_memfd_create(const char *name, unsigned flags)
@@ -146,8 +184,8 @@ sys_memfd_create(const char *name, unsigned flags)
 #endif
 }
 
-static int
-sys_mseal(void *addr, size_t len)
+PRMEM_INTERNAL int
+prmem_sys_mseal(void *addr, size_t len)
 {
 #ifdef SYS_mseal
     return (int)syscall(SYS_mseal, addr, len, 0UL);
@@ -173,7 +211,7 @@ prmem_probe_features(void)
      * where the syscall exists, so probing seals nothing. */
     void *page = mmap(NULL, prmem_page_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (page != MAP_FAILED) {
-        if (sys_mseal(page, 0) == 0)
+        if (prmem_sys_mseal(page, 0) == 0)
             f |= PRMEM_FEAT_MSEAL;
         munmap(page, prmem_page_size);
     }
@@ -194,40 +232,35 @@ prmem_probe_features(void)
     return f;
 }
 
+/* Grow a PyMem_Raw array (no Python objects: safe under the lock). */
 static int
-set_nomemory(PoolObject *pool, size_t size, const char *syscall_name, int err)
-{
-    PyErr_Format(PyExc_MemoryError,
-                 "prmem pool %R: cannot reserve %zu bytes (%s: %s)",
-                 pool->name, size, syscall_name, strerror(err));
-    return -1;
-}
-
-static int
-grow_array(void **array, size_t *cap, size_t count, size_t item_size)
+grow_array(void **array, size_t *cap, size_t count, size_t item_size, prmem_error *e)
 {
     if (count < *cap)
         return 0;
     size_t new_cap = *cap ? *cap * 2 : 8;
-    void *p = PyMem_Realloc(*array, new_cap * item_size);
-    if (p == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    void *p = PyMem_RawRealloc(*array, new_cap * item_size);
+    if (p == NULL)
+        return prmem_fail(e, PyExc_MemoryError, "prmem: out of memory for pool tables");
     *array = p;
     *cap = new_cap;
     return 0;
 }
 
-/* Reserve a new chunk of `size` bytes (page multiple) and append it. */
+/* Largest reservation prmem makes for one chunk when it picks the size
+ * itself; a single larger request still gets a chunk of its own size. */
+#define PRMEM_MAX_CHUNK_SIZE ((size_t)1 << 30)
+
+/* Reserve a new chunk of `size` bytes (page multiple) and append it.  The
+ * allocator tells the fault report about it (prmem_sync_fault_registry). */
 static int
-chunk_new(PoolObject *pool, size_t size)
+chunk_new(PoolObject *pool, size_t size, prmem_error *e)
 {
     if (grow_array((void **)&pool->chunks, &pool->chunks_cap, pool->nchunks,
-                   sizeof(prmem_chunk)) < 0)
+                   sizeof(prmem_chunk), e) < 0)
         return -1;
     if (size > (size_t)LLONG_MAX)
-        return set_nomemory(pool, size, "ftruncate", EFBIG);
+        return fail_nomemory(pool, e, size, "ftruncate", EFBIG);
 
     /* memfd names show up in /proc/PID/maps as "/memfd:prmem:<pool>"; the
      * kernel limits them to 249 bytes. */
@@ -258,29 +291,28 @@ chunk_new(PoolObject *pool, size_t size)
     }
     if (fd < 0) {
         int err = errno;
-        if (err == EMFILE || err == ENFILE || err == ENOMEM)
-            return set_nomemory(pool, size, calls[kind], err);
-        if (kind == PRMEM_BACKING_TMPFILE) {
-            PyErr_Format(pool->mstate->UnsupportedError,
-                         "this kernel has no memfd_create() and no O_TMPFILE on /dev/shm "
-                         "(%s); prmem has no way to back protected memory",
-                         strerror(err));
-            return -1;
-        }
-        if (kind == PRMEM_BACKING_SECRET && (err == ENOSYS || err == EINVAL)) {
-            PyErr_Format(pool->mstate->UnsupportedError,
-                         "memfd_secret() failed (%s): this kernel cannot back secret pools",
-                         strerror(err));
-            return -1;
-        }
-        return prmem_set_oserror(calls[kind], err);
+        if (err == EMFILE || err == ENFILE)
+            return fail_nofile(pool, e, calls[kind], err);
+        if (err == ENOMEM)
+            return fail_nomemory(pool, e, size, calls[kind], err);
+        if (kind == PRMEM_BACKING_TMPFILE)
+            return prmem_fail(e, pool->mstate->UnsupportedError,
+                              "this kernel has no memfd_create() and no O_TMPFILE on /dev/shm "
+                              "(%s); prmem has no way to back protected memory",
+                              strerror(err));
+        if (kind == PRMEM_BACKING_SECRET && (err == ENOSYS || err == EINVAL))
+            return prmem_fail(e, pool->mstate->UnsupportedError,
+                              "memfd_secret() failed (%s): this kernel cannot back secret pools",
+                              strerror(err));
+        return prmem_fail_os(e, calls[kind], err);
     }
-    if (ftruncate(fd, (off_t)size) < 0) {
+    struct stat st;
+    if (fstat(fd, &st) < 0 || ftruncate(fd, (off_t)size) < 0) {
         int err = errno;
         close(fd);
         if (err == EFBIG || err == EINVAL || err == ENOMEM || err == ENOSPC)
-            return set_nomemory(pool, size, "ftruncate", err);
-        return prmem_set_oserror("ftruncate", err);
+            return fail_nomemory(pool, e, size, "ftruncate", err);
+        return prmem_fail_os(e, "ftruncate", err);
     }
     /* PROT_NONE reservation; MAP_NORESERVE because nothing is committed
      * until an area is opened and touched.  memfd_secret() mappings are
@@ -290,29 +322,28 @@ chunk_new(PoolObject *pool, size_t size)
         int err = errno;
         close(fd);
         if (kind == PRMEM_BACKING_SECRET && err == EAGAIN)
-            return set_memlock_error(pool, "memfd_secret memory", size, err);
+            return prmem_fail_memlock(pool, e, "memfd_secret memory", size, err);
         if (err == ENOMEM || err == EOVERFLOW || err == EINVAL)
-            return set_nomemory(pool, size, "mmap", err);
-        return prmem_set_oserror("mmap", err);
+            return fail_nomemory(pool, e, size, "mmap", err);
+        return prmem_fail_os(e, "mmap", err);
     }
     if (pool->dontdump)
         madvise(base, size, MADV_DONTDUMP);
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
+    memset(ch, 0, sizeof(*ch));
     ch->base = base;
     ch->size = size;
-    ch->used = 0;
     ch->fd = fd;
-    ch->sealed = 0;
-    ch->msealed = 0;
     ch->kind = kind;
-    prmem_fault_register(pool, base, size);
+    ch->dev = st.st_dev;
+    ch->ino = st.st_ino;
     return 0;
 }
 
 /* Lock pages as they are touched (MLOCK_ONFAULT), so a large area does not
  * have to be populated up front; plain mlock() where mlock2 is missing. */
-static int
-lock_range(void *addr, size_t len)
+PRMEM_INTERNAL int
+prmem_lock_range(void *addr, size_t len)
 {
 #ifdef SYS_mlock2
     if (syscall(SYS_mlock2, addr, len, (unsigned long)MLOCK_ONFAULT) == 0)
@@ -323,8 +354,8 @@ lock_range(void *addr, size_t len)
     return mlock(addr, len);
 }
 
-static size_t
-round_up_pages(size_t n)
+PRMEM_INTERNAL size_t
+prmem_round_up_pages(size_t n)
 {
     /* caller guarantees n <= SIZE_MAX - page size */
     return (n + prmem_page_size - 1) & ~(prmem_page_size - 1);
@@ -337,31 +368,28 @@ round_up_pages(size_t n)
  * memory leaves the pool exactly as it was.
  */
 PRMEM_INTERNAL int
-prmem_area_open(PoolObject *pool, size_t need)
+prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
 {
     if (need > SIZE_MAX - prmem_page_size)
-        return set_nomemory(pool, need, "mmap", ENOMEM);
-    size_t area_size = round_up_pages(need);
+        return fail_nomemory(pool, e, need, "mmap", ENOMEM);
+    size_t area_size = prmem_round_up_pages(need);
     if (area_size < pool->refill)
         area_size = pool->refill;
 
     Py_ssize_t prev = pool->cur_area;
     int auto_mode = pool->mode == PRMEM_MODE_AUTO_RO || pool->mode == PRMEM_MODE_AUTO_WR;
-    if (auto_mode && prev >= 0 && pool->areas[prev].wexports > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "prmem pool %R: this allocation would auto-protect the "
-                     "current area, but %zd writable buffer view(s) of it are "
-                     "still alive; release them first",
-                     pool->name, pool->areas[prev].wexports);
-        return -1;
-    }
+    if (auto_mode && prev >= 0 && pool->areas[prev].wexports > 0)
+        return prmem_fail(e, PyExc_BufferError,
+                          "prmem pool '%.200s': this allocation would auto-protect the "
+                          "current area, but %zd writable buffer view(s) of it are "
+                          "still alive; release them first",
+                          pool->cname, pool->areas[prev].wexports);
     if (grow_array((void **)&pool->areas, &pool->areas_cap, pool->nareas,
-                   sizeof(prmem_area)) < 0)
+                   sizeof(prmem_area), e) < 0)
         return -1;
-    if (pool->nareas >= UINT32_MAX) {
-        PyErr_SetString(PyExc_MemoryError, "prmem pool has too many areas");
-        return -1;
-    }
+    if (pool->nareas >= UINT32_MAX)
+        return prmem_fail(e, PyExc_MemoryError, "prmem pool '%.200s' has too many areas",
+                          pool->cname);
 
     /* Carve from the last chunk while it has room and is not sealed (a
      * sealed memfd can never be mapped writable again). */
@@ -370,7 +398,7 @@ prmem_area_open(PoolObject *pool, size_t need)
         size_t chunk_size = area_size;
         if (chunk_size < pool->next_chunk_size && !pool->secret)
             chunk_size = pool->next_chunk_size;
-        if (chunk_new(pool, chunk_size) < 0)
+        if (chunk_new(pool, chunk_size, e) < 0)
             return -1;
         if (pool->next_chunk_size < PRMEM_MAX_CHUNK_SIZE)
             pool->next_chunk_size *= 2;
@@ -383,13 +411,13 @@ prmem_area_open(PoolObject *pool, size_t need)
     if (mprotect(start, area_size, prot) < 0) {
         int err = errno;
         if (err == ENOMEM)
-            return set_nomemory(pool, area_size, "mprotect", err);
-        return prmem_set_oserror("mprotect", err);
+            return fail_nomemory(pool, e, area_size, "mprotect", err);
+        return prmem_fail_os(e, "mprotect", err);
     }
-    if (pool->mlock_areas && lock_range(start, area_size) < 0) {
+    if (pool->mlock_areas && prmem_lock_range(start, area_size) < 0) {
         int err = errno;
         mprotect(start, area_size, PROT_NONE); /* leave the pool as it was */
-        return set_memlock_error(pool, "lock=True", area_size, err);
+        return prmem_fail_memlock(pool, e, "lock=True", area_size, err);
     }
     ch->used += area_size;
     prmem_area *area = &pool->areas[pool->nareas];
@@ -402,7 +430,7 @@ prmem_area_open(PoolObject *pool, size_t need)
     pool->cur_area = (Py_ssize_t)(pool->nareas - 1);
     pool->cur_off = 0;
     if (state != PRMEM_WRITABLE)
-        prmem_fault_protected();
+        pool->protect_event = 1;
 
     /* AUTO modes: the area we leave is write-protected now.  An AUTO_RO
      * area is READ_ONLY for the MMU at once; the seal that makes it
@@ -410,10 +438,10 @@ prmem_area_open(PoolObject *pool, size_t need)
     if (auto_mode && prev >= 0) {
         prmem_area *old = &pool->areas[prev];
         if (old->state == PRMEM_WRITABLE) {
-            if (protect_range(old->start, old->size, PROT_READ) < 0)
-                return prmem_set_oserror("mprotect", errno);
+            if (prmem_protect_range(old->start, old->size, PROT_READ) < 0)
+                return prmem_fail_os(e, "mprotect", errno);
             old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
-            prmem_fault_protected();
+            pool->protect_event = 1;
         }
     }
     return 0;
@@ -429,106 +457,10 @@ prmem_close_current_area(PoolObject *pool)
     }
 }
 
-static void
-mark_chunk_read_only(PoolObject *pool, size_t ci)
-{
-    for (size_t i = 0; i < pool->nareas; i++) {
-        if (pool->areas[i].chunk == ci)
-            pool->areas[i].state = PRMEM_READ_ONLY;
-    }
-}
-
-/*
- * Make every area of chunk `ci` READ_ONLY for good: seal the memfd against
- * writes, growth and shrinking, re-map the used part read-only (the new VMA
- * has no VM_MAYWRITE, so mprotect(PROT_WRITE) fails with EACCES), unmap the
- * unused tail (its pre-seal mapping could still be made writable), and
- * mseal() the range if the pool asked for it.  The fd stays open: it can no
- * longer write (pwrite fails with EPERM) and it lets destroy() release the
- * file deterministically.
- */
-PRMEM_INTERNAL int
-prmem_chunk_seal(PoolObject *pool, size_t ci)
-{
-    prmem_chunk *ch = &pool->chunks[ci];
-    int lock_errno = 0;
-    if (ch->sealed)
-        return 0;
-    if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
-        prmem_close_current_area(pool);
-
-    if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD) {
-        int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
-        if (prmem_features & PRMEM_FEAT_SEAL_FUTURE_WRITE)
-            seals |= F_SEAL_FUTURE_WRITE;
-        if (fcntl(ch->fd, F_ADD_SEALS, seals) < 0)
-            return prmem_set_oserror("fcntl(F_ADD_SEALS)", errno); /* nothing changed */
-        /* Only a mapping made after F_SEAL_FUTURE_WRITE lacks the right to
-         * become writable again, so the used part is mapped anew, read-only.
-         * (Files that cannot be sealed gain nothing from a re-map, and
-         * memfd_secret would charge it twice against RLIMIT_MEMLOCK: they
-         * are mprotect()ed below.) */
-        if (ch->used > 0) {
-            if (pool->mlock_areas)
-                munlock(ch->base, ch->used); /* so re-locking stays within the limit */
-            if (mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ch->fd, 0) ==
-                MAP_FAILED) {
-                /* The file is sealed for good; whatever is left of the old
-                 * mapping must not stay writable while prmem calls it
-                 * READ_ONLY. */
-                int err = errno;
-                mprotect(ch->base, ch->used, PROT_READ);
-                mark_chunk_read_only(pool, ci);
-                ch->sealed = 1;
-                return prmem_set_oserror("mmap", err);
-            }
-            /* the new mapping starts without the old one's advice and locks */
-            if (pool->dontdump)
-                madvise(ch->base, ch->used, MADV_DONTDUMP);
-            if (pool->mlock_areas && lock_range(ch->base, ch->used) < 0)
-                lock_errno = errno;
-        }
-    }
-    else if (prmem_enforce && ch->used > 0 && mprotect(ch->base, ch->used, PROT_READ) < 0) {
-        return prmem_set_oserror("mprotect", errno); /* nothing changed */
-    }
-    mark_chunk_read_only(pool, ci);
-    ch->sealed = 1;
-    if (prmem_enforce && ch->size > ch->used) {
-        /* the unused tail's mapping predates the seal: it could be made
-         * writable, so it goes */
-        if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
-            return prmem_set_oserror("munmap", errno);
-        ch->size = ch->used;
-    }
-    prmem_fault_sealed(ch->base, ch->size);
-    prmem_fault_protected();
-    if (pool->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
-        if (sys_mseal(ch->base, ch->used) < 0)
-            return prmem_set_oserror("mseal", errno);
-        ch->msealed = 1;
-    }
-    if (lock_errno)
-        return set_memlock_error(pool, "lock=True (sealed, but no longer locked)", ch->used,
-                                 lock_errno);
-    return 0;
-}
-
-PRMEM_INTERNAL int
-prmem_seal_all(PoolObject *pool)
-{
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        if (prmem_chunk_seal(pool, ci) < 0)
-            return -1;
-    }
-    prmem_close_current_area(pool);
-    return 0;
-}
-
 /* Move every WRITABLE area to WRITE_RARE (mprotect PROT_READ), merging runs
  * of adjacent areas into one syscall. */
 PRMEM_INTERNAL int
-prmem_make_write_rare(PoolObject *pool)
+prmem_make_write_rare(PoolObject *pool, prmem_error *e)
 {
     size_t i = 0;
     while (i < pool->nareas) {
@@ -543,19 +475,31 @@ prmem_make_write_rare(PoolObject *pool)
             end += pool->areas[j].size;
             j++;
         }
-        if (protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
-                          PROT_READ) < 0)
-            return prmem_set_oserror("mprotect", errno);
+        if (prmem_protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
+                                PROT_READ) < 0)
+            return prmem_fail_os(e, "mprotect", errno);
         for (size_t k = i; k < j; k++)
             pool->areas[k].state = PRMEM_WRITE_RARE;
-        prmem_fault_protected();
+        pool->protect_event = 1;
         i = j;
     }
     prmem_close_current_area(pool);
     return 0;
 }
 
-static size_t round_up_pages(size_t n);
+/* The seals on a pool's file that prmem did not add (before sealing, prmem
+ * adds none), for the message when a write or a seal is refused. */
+static int
+fail_foreign_seals(PoolObject *pool, prmem_error *e, const prmem_chunk *ch, const char *what,
+                   int err)
+{
+    int seals = fcntl(ch->fd, F_GET_SEALS);
+    return prmem_fail(e, pool->mstate->ProtectionError,
+                      "prmem pool '%.200s': %s was refused (%s) because code outside prmem "
+                      "added seals to the pool's memory file (F_GET_SEALS = %#x); prmem "
+                      "cannot change this memory any more: rebuild the data in a new pool",
+                      pool->cname, what, strerror(err), seals < 0 ? 0 : seals);
+}
 
 /*
  * memfd_secret() files have no write(): a rare write maps the touched pages
@@ -565,13 +509,19 @@ static size_t round_up_pages(size_t n);
  * exists, if they knew its address (documented in docs/threat-model.md).
  */
 static int
-secret_write(const prmem_chunk *ch, off_t off, const void *src, size_t n, int fill_byte)
+secret_write(PoolObject *pool, const prmem_chunk *ch, off_t off, const void *src, size_t n,
+             int fill_byte, prmem_error *e)
 {
     off_t first = off & ~(off_t)(prmem_page_size - 1);
-    size_t len = round_up_pages((size_t)(off - first) + n);
+    size_t len = prmem_round_up_pages((size_t)(off - first) + n);
     char *alias = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, ch->fd, first);
-    if (alias == MAP_FAILED)
-        return prmem_set_oserror("mmap (secret rare write)", errno);
+    if (alias == MAP_FAILED) {
+        int err = errno;
+        /* the alias is locked memory too: charged against RLIMIT_MEMLOCK */
+        if (err == EAGAIN || err == ENOMEM)
+            return prmem_fail_memlock(pool, e, "a rare write to secret memory", len, err);
+        return prmem_fail_os(e, "mmap (secret rare write)", err);
+    }
     if (src != NULL)
         memcpy(alias + (off - first), src, n);
     else
@@ -581,38 +531,38 @@ secret_write(const prmem_chunk *ch, off_t off, const void *src, size_t n, int fi
 }
 
 /*
- * Write n bytes at dst through the area's memfd (pwrite), never through a
- * writable mapping: the data stays write-protected in every thread while the
- * write happens, and readers see the new bytes at once through their
- * read-only shared mapping.  With src == NULL, writes fill_byte n times.
+ * Write n bytes at dst through the area's backing file (pwrite), never
+ * through a writable mapping: the data stays write-protected in every thread
+ * while the write happens, and readers see the new bytes at once through
+ * their read-only shared mapping.  With src == NULL, writes fill_byte n
+ * times.  Writing nothing is a no-op for every backing.
  */
 PRMEM_INTERNAL int
-prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
-                 const void *src, size_t n, int fill_byte)
+prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void *src,
+                 size_t n, int fill_byte, prmem_error *e)
 {
     const prmem_chunk *ch = &pool->chunks[area->chunk];
-    if (ch->sealed) {
-        PyErr_Format(pool->mstate->ProtectionError,
-                     "prmem pool %R: memory is sealed read-only", pool->name);
-        return -1;
-    }
+    if (ch->sealed || ch->fd < 0)
+        return prmem_fail(e, pool->mstate->ProtectionError,
+                          "prmem pool '%.200s': memory is sealed read-only", pool->cname);
+    if (n == 0)
+        return 0;
     /* A source that overlaps the destination (a view of the same memory)
      * must be staged first: the kernel copies into the page forwards, like
      * memcpy, and so would a copy through the secret alias. */
     if (src != NULL && (const char *)src < dst + n && dst < (const char *)src + n) {
-        void *staged = PyMem_Malloc(n);
-        if (staged == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+        void *staged = PyMem_RawMalloc(n);
+        if (staged == NULL)
+            return prmem_fail(e, PyExc_MemoryError,
+                              "prmem: no memory to stage an overlapping rare write");
         memcpy(staged, src, n);
-        int rc = prmem_file_write(pool, area, dst, staged, n, fill_byte);
-        PyMem_Free(staged);
+        int rc = prmem_file_write(pool, area, dst, staged, n, fill_byte, e);
+        PyMem_RawFree(staged);
         return rc;
     }
     off_t off = (off_t)(dst - ch->base);
     if (ch->kind == PRMEM_BACKING_SECRET)
-        return secret_write(ch, off, src, n, fill_byte);
+        return secret_write(pool, ch, off, src, n, fill_byte, e);
     unsigned char fill[4096];
     if (src == NULL)
         memset(fill, fill_byte, sizeof(fill));
@@ -627,10 +577,12 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst,
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            return prmem_set_oserror("pwrite", errno);
+            if (errno == EPERM)
+                return fail_foreign_seals(pool, e, ch, "a rare write", errno);
+            return prmem_fail_os(e, "pwrite", errno);
         }
         if (w == 0)
-            return prmem_set_oserror("pwrite", EIO);
+            return prmem_fail_os(e, "pwrite", EIO);
         n -= (size_t)w;
         off += w;
         if (src != NULL)
@@ -686,10 +638,23 @@ zero_chunk_data(prmem_chunk *ch)
     prmem_for_each_data_range(ch->fd, (off_t)ch->used, write_zeros, &ch->fd);
 }
 
+/* mseal()ed chunks of destroyed pools: they stay mapped, and their pages
+ * stay in memory, until the process exits (see docs/usage.md). */
+static size_t leftover_chunks, leftover_bytes;
+
+PRMEM_INTERNAL void
+prmem_sealed_leftovers(size_t *chunks, size_t *bytes)
+{
+    *chunks = __atomic_load_n(&leftover_chunks, __ATOMIC_RELAXED);
+    *bytes = __atomic_load_n(&leftover_bytes, __ATOMIC_RELAXED);
+}
+
 /* Give every page of the pool back to the kernel.  Unsealed memory is zeroed
  * first; sealed memory cannot be written by anyone, prmem included, so the
  * kernel gets it as is (it zeroes pages before reusing them).  mseal()ed
- * chunks cannot be unmapped at all and stay until the process exits. */
+ * chunks cannot be unmapped at all and stay until the process exits; their
+ * memory lock, if any, is released.  The caller has told the fault report
+ * (prmem_fault_unregister / prmem_fault_orphan) first. */
 PRMEM_INTERNAL void
 prmem_pool_release(PoolObject *pool)
 {
@@ -703,16 +668,16 @@ prmem_pool_release(PoolObject *pool)
             ch->fd = -1;
         }
         if (ch->msealed) {
-            prmem_fault_orphan(ch->base);
+            if (pool->mlock_areas && ch->used > 0)
+                munlock(ch->base, ch->used);
+            __atomic_add_fetch(&leftover_chunks, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&leftover_bytes, ch->used, __ATOMIC_RELAXED);
         }
-        else {
-            prmem_fault_unregister(ch->base);
-            if (ch->size > 0)
-                munmap(ch->base, ch->size);
-        }
+        else if (ch->size > 0)
+            munmap(ch->base, ch->size);
     }
-    PyMem_Free(pool->chunks);
-    PyMem_Free(pool->areas);
+    PyMem_RawFree(pool->chunks);
+    PyMem_RawFree(pool->areas);
     pool->chunks = NULL;
     pool->areas = NULL;
     pool->nchunks = pool->chunks_cap = 0;

@@ -312,9 +312,10 @@ uninstall_locked(void)
     handler_installed = 0;
 }
 
-PRMEM_INTERNAL void
+PRMEM_INTERNAL int
 prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
+    int rc = -1;
     const char *name = pool->cname;
     pthread_mutex_lock(&ranges_lock);
     for (int i = 0; i < MAX_RANGES; i++) {
@@ -328,9 +329,11 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
         strncpy(r->name, name, NAME_LEN - 1);
         r->name[NAME_LEN - 1] = '\0';
         __atomic_store_n(&r->end, (uintptr_t)start + size, __ATOMIC_RELEASE);
+        rc = 0;
         break;
     }
     pthread_mutex_unlock(&ranges_lock);
+    return rc;
 }
 
 static void

@@ -8,6 +8,13 @@
  * protections.  Sealed READ_ONLY chunks can never change, for either
  * process, and stay shared.
  *
+ * If the child cannot get a new file (say RLIMIT_NOFILE is exhausted), it
+ * gets an anonymous private copy instead, moved over the chunk in one
+ * mremap(): views taken before the fork keep reading the data as of the
+ * fork, nothing of the parent's file stays mapped (its writable mappings
+ * would stop the parent from sealing), and the pool refuses changes in the
+ * child (PrmemError, fork_errno).
+ *
  * The child handler runs in a process that may have been multi-threaded:
  * it uses syscalls and plain C only, no Python API and no allocation.
  * The prepare handler takes the registry lock and every pool lock, so the
@@ -165,12 +172,59 @@ privatize_chunk(PoolObject *pool, size_t ci)
         madvise(ch->base, ch->size, MADV_DONTDUMP);
     if (pool->mlock_areas && ch->used > 0)
         mlock(ch->base, ch->used);
+    struct stat st;
+    if (fstat(fd, &st) == 0) {
+        ch->dev = st.st_dev;
+        ch->ino = st.st_ino;
+    }
     close(ch->fd);
     ch->fd = fd;
     return 0;
 fail:
     close(fd);
     return -1;
+}
+
+/*
+ * No new file for the child: copy the used part into anonymous private
+ * memory and move it over the chunk (mremap replaces the old mapping in one
+ * step), areas keeping their protection; the unused tail becomes anonymous
+ * PROT_NONE.  Nothing of the parent's file stays mapped or open here.
+ * Returns -1 only if not even that memory can be had.
+ */
+static int
+snapshot_chunk(PoolObject *pool, size_t ci)
+{
+    prmem_chunk *ch = &pool->chunks[ci];
+    if (ch->used > 0) {
+        char *copy = mmap(NULL, ch->used, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                          -1, 0);
+        if (copy == MAP_FAILED)
+            return -1;
+        memcpy(copy, ch->base, ch->used); /* every area is readable */
+        for (size_t i = 0; i < pool->nareas; i++) {
+            prmem_area *a = &pool->areas[i];
+            if (a->chunk == ci && a->state != PRMEM_WRITABLE && prmem_enforce)
+                mprotect(copy + (a->start - ch->base), a->size, PROT_READ);
+        }
+        if (mremap(copy, ch->used, ch->used, MREMAP_MAYMOVE | MREMAP_FIXED, ch->base) ==
+            MAP_FAILED) {
+            munmap(copy, ch->used);
+            return -1;
+        }
+    }
+    if (ch->size > ch->used &&
+        mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+        return -1;
+    if (pool->dontdump)
+        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    if (ch->fd >= 0)
+        close(ch->fd);
+    ch->fd = -1;
+    ch->dev = 0;
+    ch->ino = 0;
+    return 0;
 }
 
 static void
@@ -184,10 +238,12 @@ child(void)
             if (ch->sealed)
                 continue; /* immutable for both processes: sharing is safe */
             if (privatize_chunk(p, ci) < 0) {
-                /* Fail closed: never leave the child writing into the
-                 * parent's memory.  The pool refuses use from now on. */
+                /* The pool refuses changes from now on; its memory becomes
+                 * a private snapshot, or, if not even anonymous memory can
+                 * be had, fails closed: never shared with the parent. */
                 p->fork_errno = errno ? errno : EIO;
-                mprotect(ch->base, ch->size, PROT_NONE);
+                if (snapshot_chunk(p, ci) < 0)
+                    mprotect(ch->base, ch->size, PROT_NONE);
             }
         }
     }

@@ -9,14 +9,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static PyModuleDef prmem_moduledef;
-
-PRMEM_INTERNAL PyModuleDef *
-prmem_moduledef_ptr(void)
-{
-    return &prmem_moduledef;
-}
-
 static prmem_module_state *
 get_state(PyObject *module)
 {

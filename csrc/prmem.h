@@ -23,12 +23,21 @@
  *               left behind by a new area is PROT_READ (READ_ONLY for the
  *               MMU) until then.  Invariant: sealed chunk => READ_ONLY areas.
  *
- * Locking: every field below that decides what may be written (states,
- * bounds, export counts, the chunk/area tables) is read and written only
- * with pool->lock held.  The lock is only ever held by a thread that also
- * holds the GIL (we never release the GIL while holding it), so it cannot
- * deadlock against the GIL; it makes the check-then-write sequences atomic
- * on free-threaded builds too.
+ * Locking (the lock rule): every field below that decides what may be
+ * written (states, bounds, export counts, the chunk/area tables) is read and
+ * written only with pool->lock held.  While any prmem lock is held:
+ *   - no Python code runs: no object formatting (%R/%S), no allocation of
+ *     Python objects (which can start the collector and run finalisers), no
+ *     callbacks, no exception creation.  An error is recorded as plain C
+ *     values in a prmem_error and raised with prmem_raise() after unlocking;
+ *     names come from pool->cname, a C copy made at __init__;
+ *   - the GIL is never released, so a holder never waits for the GIL.
+ * A thread that must wait for a pool lock does not hold the GIL while it
+ * waits (prmem_pool_lock() releases it and retries).  So the lock and the
+ * GIL cannot deadlock, and no finaliser or signal handler can re-enter a
+ * pool while its lock is held.  Lock order: fork registry lock -> pool lock
+ * -> fault registry lock; the last two are leaf locks around short pure-C
+ * sections.
  */
 #ifndef PRMEM_H
 #define PRMEM_H
@@ -40,8 +49,64 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+/* Kernel interfaces older C libraries may not name. */
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS 1033
+#define F_SEAL_SEAL 0x0001
+#define F_SEAL_SHRINK 0x0002
+#define F_SEAL_GROW 0x0004
+#define F_SEAL_WRITE 0x0008
+#endif
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+#ifndef MAP_NORESERVE
+#define MAP_NORESERVE 0
+#endif
+/* Syscall numbers for calls glibc may not wrap yet (x86_64 / generic). */
+#if !defined(SYS_memfd_create) && defined(__NR_memfd_create)
+#define SYS_memfd_create __NR_memfd_create
+#endif
+#ifndef SYS_mseal
+#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
+#define SYS_mseal 462
+#endif
+#endif
+#ifndef SYS_memfd_secret
+#if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv)
+#define SYS_memfd_secret 447
+#endif
+#endif
+#if !defined(SYS_pkey_alloc) && defined(__x86_64__)
+#define SYS_pkey_alloc 330
+#define SYS_pkey_free 331
+#endif
+
+#ifndef MADV_DONTDUMP
+#define MADV_DONTDUMP 16
+#endif
+#ifndef MLOCK_ONFAULT
+#define MLOCK_ONFAULT 0x01
+#endif
+#if !defined(SYS_mlock2) && defined(__x86_64__)
+#define SYS_mlock2 325
+#endif
+
 
 #define PRMEM_INTERNAL __attribute__((visibility("hidden")))
+
+PRMEM_INTERNAL int prmem_sys_mseal(void *addr, size_t len);
 
 /* Values shared with prmem.State / prmem.Mode (src/prmem/pool.py). */
 enum prmem_state {
@@ -80,10 +145,14 @@ typedef struct {
     char *base;   /* start of the reservation */
     size_t size;  /* bytes reserved (trimmed to `used` once sealed) */
     size_t used;  /* bytes carved into areas, from base */
-    int fd;       /* backing memfd (O_RDWR; useless for writing once sealed) */
+    int fd;       /* backing file (O_RDWR); -1 once sealed: reading needs no fd */
     int sealed;   /* every area in it is READ_ONLY, for good */
     int kind;     /* enum prmem_backing */
     int msealed;  /* mseal()ed too: can never be unmapped */
+    int registered;      /* known to the fault report (fault.c) */
+    int reported_sealed; /* the fault report knows it is sealed */
+    dev_t dev;    /* identity of the backing file, recorded at creation: */
+    ino_t ino;    /* verify() and the alias checks compare mappings to it */
 } prmem_chunk;
 
 typedef struct {
@@ -133,6 +202,8 @@ typedef struct PoolObject {
     struct PoolObject *reg_prev, *reg_next;
     int registered;
     int fork_errno;         /* the child could not get a private copy */
+    int broken_errno;       /* a failed re-map could not be undone: unusable */
+    int protect_event;      /* memory became protected: the allocator tells fault.c */
 } PoolObject;
 
 typedef struct {
@@ -171,31 +242,94 @@ prmem_state_name(int state)
     }
 }
 
-#define POOL_LOCK(p) pthread_mutex_lock(&(p)->lock)
+/*
+ * Take the pool lock.  Called with the GIL held; if the lock is taken, the
+ * GIL is released while waiting, and the lock is not kept while the GIL is
+ * re-acquired (a holder waiting for the GIL could otherwise deadlock with a
+ * GIL holder waiting for the lock), so the loop tries again.
+ */
+static inline void
+prmem_pool_lock(PoolObject *p)
+{
+    while (pthread_mutex_trylock(&p->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&p->lock);
+        pthread_mutex_unlock(&p->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+#define POOL_LOCK(p) prmem_pool_lock(p)
 #define POOL_UNLOCK(p) pthread_mutex_unlock(&(p)->lock)
 
+/*
+ * An error found while a prmem lock is held, kept as plain C values: the
+ * exception type (borrowed from module state or a builtin), an errno for
+ * OSError, and the message, formatted with snprintf.  prmem_raise() turns
+ * it into a Python exception once the lock is released.
+ */
+typedef struct {
+    PyObject *type; /* NULL: no error recorded */
+    int err;        /* errno: the exception is type(err, msg) */
+    char msg[600];
+} prmem_error;
+
 /* areas.c: syscalls, chunks and areas.  Callers hold pool->lock; functions
- * return 0, or -1 with a Python exception set. */
+ * return 0, or -1 with the error recorded in *e (never a Python exception). */
 PRMEM_INTERNAL unsigned prmem_probe_features(void);
 PRMEM_INTERNAL int prmem_read_enforce(void);
+PRMEM_INTERNAL int prmem_fail(prmem_error *e, PyObject *type, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+PRMEM_INTERNAL int prmem_fail_errno(prmem_error *e, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+PRMEM_INTERNAL int prmem_fail_os(prmem_error *e, const char *syscall_name, int err);
+PRMEM_INTERNAL int prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what,
+                                      size_t size, int err);
+PRMEM_INTERNAL void *prmem_raise(const prmem_error *e); /* without a lock; NULL */
 PRMEM_INTERNAL int prmem_set_oserror(const char *syscall_name, int err);
-PRMEM_INTERNAL int prmem_area_open(PoolObject *pool, size_t need);
-PRMEM_INTERNAL int prmem_chunk_seal(PoolObject *pool, size_t ci);
-PRMEM_INTERNAL int prmem_seal_all(PoolObject *pool);
-PRMEM_INTERNAL int prmem_make_write_rare(PoolObject *pool);
+PRMEM_INTERNAL size_t prmem_round_up_pages(size_t n);
+PRMEM_INTERNAL int prmem_lock_range(void *addr, size_t len);
+PRMEM_INTERNAL int prmem_protect_range(void *addr, size_t len, int prot);
+PRMEM_INTERNAL int prmem_area_open(PoolObject *pool, size_t need, prmem_error *e);
+PRMEM_INTERNAL int prmem_make_write_rare(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_file_write(PoolObject *pool, const prmem_area *area,
                                     char *dst, const void *src, size_t n,
-                                    int fill_byte);
+                                    int fill_byte, prmem_error *e);
 PRMEM_INTERNAL void prmem_pool_release(PoolObject *pool);
 PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
+PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
+
+/* seal.c: READ_ONLY for good, and checking that mappings are still prmem's.
+ * Same floor as areas.c; callers hold pool->lock. */
+PRMEM_INTERNAL int prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e);
+PRMEM_INTERNAL int prmem_seal_all(PoolObject *pool, prmem_error *e);
+/* One finding of prmem_verify(): area `area` is not what its state says. */
+typedef struct {
+    size_t area;
+    uintptr_t start, end; /* the offending part */
+    int problem;          /* enum prmem_verify_problem */
+    char perms[5];
+} prmem_verify_finding;
+enum prmem_verify_problem {
+    PRMEM_VERIFY_NOT_MAPPED = 1,   /* nothing mapped there */
+    PRMEM_VERIFY_REPLACED = 2,     /* mapped by something else than the pool's file */
+    PRMEM_VERIFY_MOVED = 3,        /* the pool's file, but at the wrong offset */
+    PRMEM_VERIFY_WEAKER = 4,       /* permissions weaker than the area's state */
+    PRMEM_VERIFY_UNREADABLE = 5,   /* the pool's file, but no longer readable */
+};
+PRMEM_INTERNAL Py_ssize_t prmem_verify(PoolObject *pool, prmem_verify_finding *out,
+                                       size_t max_out, prmem_error *e);
 
 /* allocator.c: the Pool and Allocation types. */
 PRMEM_INTERNAL extern PyType_Spec prmem_pool_spec;
 PRMEM_INTERNAL extern PyType_Spec prmem_allocation_spec;
-PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool);
-PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state);
+PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool, prmem_error *e);
+PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
+PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
+PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
+PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,
                                     Py_ssize_t nrequired, Py_ssize_t nnames, PyObject **vals);
@@ -215,7 +349,7 @@ PRMEM_INTERNAL PyObject *prmem_module_rare_memset(PyObject *module, PyObject *co
                                                   Py_ssize_t nargs, PyObject *kwnames);
 
 /* fault.c: the fault report's registry of chunk ranges and its handler. */
-PRMEM_INTERNAL void prmem_fault_register(PoolObject *pool, char *start, size_t size);
+PRMEM_INTERNAL int prmem_fault_register(PoolObject *pool, char *start, size_t size);
 PRMEM_INTERNAL void prmem_fault_sealed(char *start, size_t size);
 PRMEM_INTERNAL void prmem_fault_orphan(char *start);
 PRMEM_INTERNAL void prmem_fault_unregister(char *start);
@@ -228,8 +362,5 @@ PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *a
 PRMEM_INTERNAL int prmem_fork_init(void);
 PRMEM_INTERNAL void prmem_registry_add(PoolObject *pool);
 PRMEM_INTERNAL void prmem_registry_remove(PoolObject *pool);
-
-/* module.c */
-PRMEM_INTERNAL PyModuleDef *prmem_moduledef_ptr(void);
 
 #endif /* PRMEM_H */

@@ -30,24 +30,26 @@ rare_store(PoolObject *expect_pool, AllocationObject *dst, Py_ssize_t off, const
 {
     PoolObject *pool = dst->pool;
     if (expect_pool != NULL && pool != expect_pool) {
+        /* no lock held; the names are exact str copies */
         PyErr_Format(PyExc_ValueError, "destination belongs to pool %R, not to pool %R",
                      pool->name, expect_pool->name);
         return -1;
     }
+    prmem_error e;
     POOL_LOCK(pool);
-    if (prmem_check_usable(pool) < 0)
+    if (prmem_check_changeable(pool, &e) < 0)
         goto fail;
     if (!mode_has_write_rare(pool->mode)) {
-        PyErr_Format(pool->mstate->ProtectionError,
-                     "prmem pool %R has a read-only mode: its memory has no write-rare "
-                     "state (use a WR, AUTO_WR or START_WR pool)",
-                     pool->name);
+        prmem_fail(&e, pool->mstate->ProtectionError,
+                   "prmem pool '%.200s' has a read-only mode: its memory has no write-rare "
+                   "state (use a WR, AUTO_WR or START_WR pool)",
+                   pool->cname);
         goto fail;
     }
     prmem_area *area = &pool->areas[dst->area];
     char *to = dst->addr + off;
     if (area->state == PRMEM_READ_ONLY) {
-        prmem_refuse_write(pool, area->state);
+        prmem_refuse_write(pool, area->state, &e);
         goto fail;
     }
     if (area->state == PRMEM_WRITABLE) {
@@ -56,12 +58,13 @@ rare_store(PoolObject *expect_pool, AllocationObject *dst, Py_ssize_t off, const
         else
             memset(to, fill_byte, n);
     }
-    else if (prmem_file_write(pool, area, to, src, n, fill_byte) < 0)
+    else if (prmem_file_write(pool, area, to, src, n, fill_byte, &e) < 0)
         goto fail;
     POOL_UNLOCK(pool);
     return 0;
 fail:
     POOL_UNLOCK(pool);
+    prmem_raise(&e);
     return -1;
 }
 
@@ -157,7 +160,7 @@ prmem_pool_rare_write(PoolObject *self, PyObject *const *args, Py_ssize_t nargs,
                       PyObject *kwnames)
 {
     if (!self->ready)
-        return prmem_check_usable(self), NULL;
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
     return do_rare_write(self, self->mstate, args, nargs, kwnames);
 }
 
@@ -166,7 +169,7 @@ prmem_pool_rare_memset(PoolObject *self, PyObject *const *args, Py_ssize_t nargs
                        PyObject *kwnames)
 {
     if (!self->ready)
-        return prmem_check_usable(self), NULL;
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
     return do_rare_memset(self, self->mstate, args, nargs, kwnames);
 }
 
@@ -188,14 +191,17 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_make_ro(PoolObject *self, PyObject *unused)
 {
     (void)unused;
+    if (!self->ready)
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
+    prmem_error e;
     POOL_LOCK(self);
-    if (prmem_check_usable(self) < 0)
+    if (prmem_check_changeable(self, &e) < 0)
         goto fail;
     if (self->section && mode_has_write_rare(self->mode)) {
-        PyErr_Format(self->mstate->ProtectionError,
-                     "%U cannot become read-only at run time (as __wr_after_init in the "
-                     "kernel); use a WR pool and make_ro() for data that settles",
-                     self->name);
+        prmem_fail(&e, self->mstate->ProtectionError,
+                   "%.200s cannot become read-only at run time (as __wr_after_init in the "
+                   "kernel); use a WR pool and make_ro() for data that settles",
+                   self->cname);
         goto fail;
     }
     if (!mode_has_write_rare(self->mode)) {
@@ -203,13 +209,15 @@ prmem_pool_make_ro(PoolObject *self, PyObject *unused)
         Py_RETURN_NONE;
     }
     if (self->wexports > 0) {
-        PyErr_Format(PyExc_BufferError,
-                     "cannot make pool %R read-only: %zd writable buffer view(s) of its "
-                     "memory are still alive; release them first",
-                     self->name, self->wexports);
+        prmem_fail(&e, PyExc_BufferError,
+                   "cannot make pool '%.200s' read-only: %zd writable buffer view(s) of its "
+                   "memory are still alive; release them first",
+                   self->cname, self->wexports);
         goto fail;
     }
-    if (prmem_seal_all(self) < 0)
+    int rc = prmem_seal_all(self, &e);
+    prmem_sync_fault_registry(self);
+    if (rc < 0)
         goto fail;
     POOL_UNLOCK(self);
     prmem_fault_sync();
@@ -217,5 +225,5 @@ prmem_pool_make_ro(PoolObject *self, PyObject *unused)
 fail:
     POOL_UNLOCK(self);
     prmem_fault_sync();
-    return NULL;
+    return prmem_raise(&e);
 }

@@ -131,15 +131,16 @@ def test_ro_after_init_is_sealed():
         prmem.mark_init_done()
         assert a.state is State.READ_ONLY
         assert mprotect_rw(a) in ("EACCES", "EPERM"), mprotect_rw(a)
-        fds = pool_fds("ro_after_init")
-        assert fds
-        for fd in fds:
+        assert pool_fds("ro_after_init") == []  # sealed: prmem holds no descriptor
+        for fd in backing_fds(a.address):
             try:
                 os.pwrite(fd, b"EVIL", 0)
             except OSError as exc:
                 assert exc.errno == errno.EPERM, exc
             else:
                 raise AssertionError("pwrite on the sealed memfd succeeded")
+            finally:
+                os.close(fd)
         mem = os.open("/proc/self/mem", os.O_RDWR)
         try:
             os.pwrite(mem, b"EVIL", a.address)

@@ -78,6 +78,15 @@ _core._set_state_members((State.WRITABLE, State.WRITE_RARE, State.READ_ONLY))
 
 _POINTER_ALIGN_ORDER = 3  # log2(sizeof(void *)) on 64-bit Linux
 
+# Pool._verify() problem codes (enum prmem_verify_problem in csrc/prmem.h).
+_VERIFY_PROBLEMS = {
+    1: "not mapped",
+    2: "mapped by something other than the pool's memory file",
+    3: "the pool's file mapped at the wrong offset",
+    4: "writable although protected",
+    5: "not readable",
+}
+
 
 def _to_mode(mode: Union[Mode, int, str]) -> Mode:
     if isinstance(mode, bool):
@@ -109,7 +118,8 @@ class PoolStats:
     ``bytes_mapped`` is the size of all areas; ``bytes_reserved`` the address
     space held for them; ``bytes_lost_to_protection`` the unused tails of
     areas closed by protect()/make_ro(); ``bytes_free`` what is left in the
-    current area.
+    current area; ``descriptors`` the file descriptors the pool holds (one
+    per chunk that is not sealed READ_ONLY).
     """
 
     name: str
@@ -130,6 +140,7 @@ class PoolStats:
     dontdump: bool
     locked: bool
     seal: bool
+    descriptors: int
 
     @property
     def bytes_lost(self) -> int:
@@ -238,7 +249,33 @@ class Pool(_core.Pool):
             dontdump=bool(raw["dontdump"]),
             locked=bool(raw["locked"]),
             seal=bool(raw["seal"]),
+            descriptors=raw["descriptors"],
         )
+
+    def verify(self) -> None:
+        """Check that the pool's memory is still what prmem made it.
+
+        Raises :class:`ProtectionError` if any area is no longer mapped by
+        the pool's own memory file at its own offset (unmapped, replaced with
+        ``mmap(MAP_FIXED)``, moved with ``mremap``) or is mapped with weaker
+        protection than its state (e.g. ``mprotect(PROT_WRITE)`` on
+        WRITE_RARE memory); returns None otherwise.  It reads
+        ``/proc/self/maps``, so it sees what the kernel enforces now, not
+        what prmem remembers.  READ_ONLY memory without ``seal=True`` can be
+        substituted this way by code able to make syscalls; ``seal=True``
+        (mseal) prevents it.
+        """
+        count, findings = self._verify()
+        if count == 0:
+            return
+        details = "; ".join(
+            f"{_VERIFY_PROBLEMS.get(problem, 'changed')} at {start:#x}-{end:#x}"
+            + (f" ({perms})" if perms else "")
+            for _area, start, end, problem, perms in findings)
+        more = f" and {count - len(findings)} more" if count > len(findings) else ""
+        raise ProtectionError(
+            f"prmem pool {self.name!r} is not protected as its state says: {details}{more}. "
+            "Code in this process changed its mappings; do not trust data read from it")
 
     def rare_write_session(self) -> RareWriteSession:
         """Return a context manager batching rare writes to this pool.
