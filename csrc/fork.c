@@ -72,12 +72,37 @@ prmem_registry_remove(PoolObject *pool)
     pthread_mutex_unlock(&registry_lock);
 }
 
+/*
+ * The child copies what can still change from the shared file, so the
+ * parent must not change it until the copy is done: otherwise a write the
+ * parent makes right after fork() returns could land in the child's copy.
+ * The parent waits on a pipe that the child closes once its copies are made
+ * (or that closes when the child dies).  Without a free descriptor for the
+ * pipe the parent cannot wait; the window is then documented.
+ */
+static int copied_pipe[2] = {-1, -1};
+
+static int
+anything_to_copy(void)
+{
+    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
+        if (!p->ready || p->destroyed)
+            continue;
+        for (size_t ci = 0; ci < p->nchunks; ci++)
+            if (!p->chunks[ci].sealed)
+                return 1;
+    }
+    return 0;
+}
+
 static void
 prepare(void)
 {
     pthread_mutex_lock(&registry_lock);
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
         pthread_mutex_lock(&p->lock);
+    if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
+        copied_pipe[0] = copied_pipe[1] = -1;
 }
 
 static void
@@ -86,6 +111,20 @@ unlock_all(void)
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
         pthread_mutex_unlock(&p->lock);
     pthread_mutex_unlock(&registry_lock);
+}
+
+static void
+parent(void)
+{
+    if (copied_pipe[1] >= 0) {
+        char c;
+        close(copied_pipe[1]);
+        while (read(copied_pipe[0], &c, 1) < 0 && errno == EINTR)
+            ;
+        close(copied_pipe[0]);
+        copied_pipe[0] = copied_pipe[1] = -1;
+    }
+    unlock_all();
 }
 
 static int
@@ -247,6 +286,11 @@ child(void)
             }
         }
     }
+    if (copied_pipe[0] >= 0) {
+        close(copied_pipe[0]);
+        close(copied_pipe[1]); /* the parent may go on */
+        copied_pipe[0] = copied_pipe[1] = -1;
+    }
     unlock_all();
 }
 
@@ -256,7 +300,7 @@ prmem_fork_init(void)
     static int done;
     if (done)
         return 0;
-    int rc = pthread_atfork(prepare, unlock_all, child);
+    int rc = pthread_atfork(prepare, parent, child);
     if (rc != 0) {
         prmem_set_oserror("pthread_atfork", rc);
         return -1;
