@@ -495,3 +495,57 @@ def test_sealed_leftovers_warn():
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("ResourceWarning") == 1, result.stderr
     assert "1000 chunks" in result.stderr
+
+
+INSPECT_ATTACKED = """
+import mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+PAGE = mmap.PAGESIZE
+pool = Pool(Mode.RO, name="inspect-attacked", refill=4 * PAGE)
+a = pool.alloc(4 * PAGE)
+pool.protect()
+{attack}
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("attack, says", [
+    ("assert libc.mmap(a.address + PAGE, PAGE, 1, 0x32, -1, 0) == a.address + PAGE",
+     "was replaced"),
+    ("elsewhere = libc.mmap(None, PAGE, 0, 0x22, -1, 0)\n"
+     "assert libc.mremap(a.address + 3 * PAGE, PAGE, PAGE, 3, elsewhere) == elsewhere",
+     "also mapped at"),
+], ids=["map-fixed", "mremap"])
+def test_inspect_reports_changed_mappings(attack, says):
+    from conftest import CHILD_PRELUDE
+    from test_production import run_cli
+
+    source = CHILD_PRELUDE + textwrap.dedent(INSPECT_ATTACKED.format(attack=attack))
+    with subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout.readline().strip() == "READY"
+            proc = run_cli("inspect", str(child.pid))
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" in proc.stdout and says in proc.stdout, proc.stdout
+
+
+def test_inspect_reports_nothing_for_untouched_pools(pool_factory):
+    from prmem.inspect import anomalies
+
+    for mode in Mode:
+        pool = pool_factory(mode, name=f"inspect-clean-{mode.name}", refill=4096)
+        pool.alloc(10)
+        pool.protect()
+        pool.alloc(5000)
+    assert [a for a in anomalies(os.getpid()) if "inspect-clean" in a] == []

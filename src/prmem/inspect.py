@@ -7,12 +7,21 @@ the permissions alone cannot: a read-only mapping that may become writable
 again (``mw``: write-rare memory, or READ_ONLY not yet sealed) from a sealed
 one, and show ``mseal()`` (``sl``), locking (``lo``) and ``MADV_DONTDUMP``
 (``dd``).
+
+It also reports what ``Pool.verify()`` would find, as far as it can be seen
+from outside the process: a pool's file is mapped at file offset == offset
+in its reservation, so every mapping of one file must share one base
+address (``start - offset``).  A mapping of the file at another base is an
+alias (``mremap`` moved it, or someone mapped the file again), and anything
+else mapped between two parts of one reservation has replaced pool memory
+(``mmap(MAP_FIXED)`` over it).  Inside the process ``Pool.verify()`` knows
+every area and is the authoritative check.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 _MEMFD_PREFIX = "/memfd:prmem:"
 _SECRET = "/secretmem"
@@ -27,6 +36,9 @@ class Mapping:
     end: int
     perms: str
     vmflags: List[str]
+    offset: int = 0
+    device: str = ""
+    inode: int = 0
 
     @property
     def size(self) -> int:
@@ -77,19 +89,75 @@ def mappings(pid: int) -> List[Mapping]:
         else:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        found.append(Mapping(pool, start, end, fields[1], vmflags))
+        found.append(Mapping(pool, start, end, fields[1], vmflags, int(fields[2], 16),
+                             fields[3], int(fields[4])))
+    return found
+
+
+def _all_ranges(pid: int) -> List[tuple]:
+    """(start, end, description) of every mapping of process ``pid``."""
+    ranges = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            what = fields[5].strip() if len(fields) > 5 else "anonymous memory"
+            ranges.append((start, end, f"{what} ({fields[1]})"))
+    return ranges
+
+
+def anomalies(pid: int, maps: Optional[List[Mapping]] = None) -> List[str]:
+    """Signs that pool memory of process ``pid`` was moved, aliased or
+    replaced by code outside prmem (see the module docstring)."""
+    maps = mappings(pid) if maps is None else maps
+    by_file: Dict[tuple, List[Mapping]] = {}
+    for m in maps:
+        by_file.setdefault((m.device, m.inode), []).append(m)
+    found = []
+    others = None
+    for group in by_file.values():
+        bases: Dict[int, List[Mapping]] = {}
+        for m in group:
+            bases.setdefault(m.start - m.offset, []).append(m)
+        # the reservation is the base holding most of the file; the rest are aliases
+        home = max(bases, key=lambda b: sum(m.size for m in bases[b]))
+        for base, parts in bases.items():
+            if base != home:
+                for m in parts:
+                    found.append(f"{m.pool}: its memory file is also mapped at "
+                                 f"{m.start:#x}-{m.end:#x} ({m.perms}), outside its "
+                                 "reservation: moved with mremap, or mapped again by "
+                                 "code outside prmem")
+        parts = sorted(bases[home], key=lambda m: m.start)
+        for before, after in zip(parts, parts[1:]):
+            if after.start == before.end:
+                continue
+            if others is None:
+                others = _all_ranges(pid)
+            for start, end, what in others:
+                if start < after.start and end > before.end:
+                    found.append(f"{before.pool}: {max(start, before.end):#x}-"
+                                 f"{min(end, after.start):#x} inside its reservation is "
+                                 f"mapped by {what}: pool memory was replaced")
+            gap = [r for r in others if r[0] < after.start and r[1] > before.end]
+            if not gap:
+                found.append(f"{before.pool}: {before.end:#x}-{after.start:#x} inside its "
+                             "reservation is not mapped: pool memory was unmapped")
     return found
 
 
 def report(pid: int, as_json: bool = False) -> str:
     """The text (or JSON) that ``prmem inspect`` prints."""
     maps = mappings(pid)
+    problems = anomalies(pid, maps)
     if as_json:
-        return json.dumps([
+        entries = [
             {"pool": m.pool, "start": hex(m.start), "end": hex(m.end), "size": m.size,
              "perms": m.perms, "protection": m.protection, "flags": m.flags}
             for m in maps
-        ], indent=2)
+        ]
+        entries += [{"anomaly": text} for text in problems]
+        return json.dumps(entries, indent=2)
     if not maps:
         return f"process {pid}: no prmem memory"
     lines = [f"process {pid}: {len(maps)} prmem mappings",
@@ -107,4 +175,9 @@ def report(pid: int, as_json: bool = False) -> str:
     for pool, per in totals.items():
         summary = ", ".join(f"{size} bytes {state}" for state, size in per.items())
         lines.append(f"{pool}: {summary}")
+    if problems:
+        lines.append("")
+        lines.append(f"WARNING: {len(problems)} sign(s) that prmem memory was changed "
+                     "behind prmem's back:")
+        lines.extend(f"  ! {text}" for text in problems)
     return "\n".join(lines)
