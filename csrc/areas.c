@@ -295,6 +295,12 @@ chunk_new(PoolObject *pool, size_t size)
             return set_nomemory(pool, size, "mmap", err);
         return prmem_set_oserror("mmap", err);
     }
+    if (prmem_fault_register(pool, base, size) < 0) {
+        int err = errno;
+        munmap(base, size);
+        close(fd);
+        return set_nomemory(pool, size, "fault report registry", err);
+    }
     if (pool->dontdump)
         madvise(base, size, MADV_DONTDUMP);
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
@@ -305,7 +311,6 @@ chunk_new(PoolObject *pool, size_t size)
     ch->sealed = 0;
     ch->msealed = 0;
     ch->kind = kind;
-    prmem_fault_register(pool, base, size);
     return 0;
 }
 

@@ -104,3 +104,57 @@ def test_fault_report_query_and_toggle():
         assert prmem.fault_report() is True
     finally:
         prmem.fault_report(previous)
+
+
+def test_report_past_ten_thousand_ranges():
+    # 5000 live pools and 5000 destroyed seal=True pools (their mseal()ed
+    # chunks stay mapped, and registered, for good) come before the pool
+    # that is hit: the registry has no cap.  Without mseal the sealed
+    # pools' ranges are released instead; the test holds either way.
+    proc = run_child("""
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one memfd per live pool
+live = []
+for i in range(5000):
+    pool = Pool(Mode.RO, name="live-%d" % i, refill=4096)
+    pool.alloc(8)
+    if i % 2:
+        pool.protect()
+    live.append(pool)
+for i in range(5000):
+    pool = Pool(Mode.RO, name="sealed-%d" % i, refill=4096, seal=True)
+    pool.alloc(8)
+    pool.protect()
+    pool.destroy()
+last = Pool(Mode.RO, name="after-10000", refill=4096)
+a = last.alloc(8)
+last.protect()
+native_write(a)
+print("SURVIVED")
+""", timeout=60)  # the whole child takes well under a second
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
+    assert "SURVIVED" not in proc.stdout
+    assert "prmem: fatal write to protected memory" in proc.stderr
+    assert "pool: 'after-10000'  mode: RO  area state: READ_ONLY" in proc.stderr
+
+
+def test_report_survives_many_pools_coming_and_going():
+    # Ranges of destroyed (unmapped) pools are taken out: after thousands
+    # of pools came and went, a pool created before them is still found.
+    proc = run_child("""
+first = Pool(Mode.RO, name="first")
+fa = first.alloc(8)
+first.protect()
+for i in range(6000):
+    p = Pool(Mode.WR, name="churn-%d" % i, refill=4096)
+    p.alloc(8)
+    p.protect()
+    p.destroy()
+last = Pool(Mode.RO, name="last")
+last.alloc(8)
+last.protect()
+native_write(fa)
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: 'first'  mode: RO  area state: READ_ONLY" in proc.stderr
