@@ -247,7 +247,7 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
         put("\nprmem: fatal write to protected memory\n");
     put("prmem:   pool: '");
     put(r->name);
-    put("'  mode: ");
+    put(pool == NULL ? "' (destroyed)  mode: " : "'  mode: ");
     put(r->mode >= 0 && r->mode < PRMEM_NMODES ? mode_names[r->mode] : "?");
     put("  area state: ");
     put(state);

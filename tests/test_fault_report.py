@@ -106,6 +106,9 @@ def test_fault_report_query_and_toggle():
         prmem.fault_report(previous)
 
 
+needs_mseal = pytest.mark.skipif("mseal" not in prmem.features, reason="kernel lacks mseal")
+
+
 def test_report_past_ten_thousand_ranges():
     # 5000 live pools and 5000 destroyed seal=True pools (their mseal()ed
     # chunks stay mapped, and registered, for good) come before the pool
@@ -139,6 +142,30 @@ print("SURVIVED")
     assert "pool: 'after-10000'  mode: RO  area state: READ_ONLY" in proc.stderr
 
 
+@needs_mseal
+def test_report_names_destroyed_sealed_pool():
+    # A destroyed seal=True pool's memory stays mapped read-only for good:
+    # a stray write there still says whose it was.
+    proc = run_child("""
+pool = Pool(Mode.RO, name="retired", seal=True)
+a = pool.alloc(64)
+a.write(b"kept")
+pool.protect()
+address = a.address
+pool.destroy()
+other = Pool(Mode.RO, name="other")  # a live pool too
+other.alloc(8)
+other.protect()
+ctypes.memmove(address + 8, b"evil", 4)
+print("SURVIVED")
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "SURVIVED" not in proc.stdout
+    assert "prmem: fatal write to protected memory" in proc.stderr
+    assert "pool: 'retired' (destroyed)  mode: RO  area state: READ_ONLY" in proc.stderr
+    assert "offset in chunk: 0x8" in proc.stderr
+
+
 def test_report_survives_many_pools_coming_and_going():
     # Ranges of destroyed (unmapped) pools are taken out: after thousands
     # of pools came and went, a pool created before them is still found.
@@ -158,3 +185,4 @@ native_write(fa)
 """)
     assert proc.returncode == -signal.SIGSEGV
     assert "pool: 'first'  mode: RO  area state: READ_ONLY" in proc.stderr
+
