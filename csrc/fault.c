@@ -620,8 +620,16 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
     r->pool = pool;
     r->mode = pool->mode;
     r->sealed = 0;
-    strncpy(r->name, pool->cname != NULL ? pool->cname : "?", NAME_LEN - 1);
-    r->name[NAME_LEN - 1] = '\0';
+    /* truncated on a UTF-8 character boundary */
+    const char *name = pool->cname != NULL ? pool->cname : "?";
+    size_t len = strlen(name);
+    if (len > NAME_LEN - 1) {
+        len = NAME_LEN - 1;
+        while (len > 0 && ((unsigned char)name[len] & 0xc0) == 0x80)
+            len--;
+    }
+    memcpy(r->name, name, len);
+    r->name[len] = '\0';
 
     pthread_mutex_lock(&ranges_lock);
     int rc = need_purge ? purge() : 0;

@@ -186,3 +186,14 @@ native_write(fa)
     assert proc.returncode == -signal.SIGSEGV
     assert "pool: 'first'  mode: RO  area state: READ_ONLY" in proc.stderr
 
+
+def test_report_truncates_long_names_on_a_character_boundary():
+    name = "é" * 40  # 80 bytes of UTF-8: cut to at most 63, whole characters
+    proc = run_child(f"""
+pool = Pool(Mode.RO, name={name!r})
+a = pool.alloc(8)
+pool.protect()
+native_write(a)
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: '" + "é" * 31 + "'  mode: RO" in proc.stderr
