@@ -2,7 +2,7 @@
  * Fault reports: when native code writes to a protected prmem page, print
  * which pool it hit before the process dies.
  *
- * The SIGSEGV handler only reads a fixed-size registry of chunk ranges (no
+ * The SIGSEGV handler only reads the registry of chunk ranges below (no
  * allocation, no locks: async-signal-safe), formats with its own integer
  * printing and write(2), then hands the signal on unchanged: to the previous
  * handler if there was one (e.g. faulthandler, which prints every thread's
@@ -18,22 +18,97 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <ucontext.h>
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_RANGES 4096
 #define NAME_LEN 64
+#define LEAF_MAX 64 /* ranges per leaf of the index */
+
+/*
+ * The registry.  One fault_range per chunk, holding a copy of all the
+ * report needs, so it outlives the pool: the ranges of mseal()ed chunks
+ * stay for the life of the process (the memory can never be unmapped),
+ * with pool == NULL once their pool is destroyed.  Such a range costs
+ * about 120 bytes here, against at least one page and one VMA of memory
+ * the process can never get back; nothing limits how many there are.
+ * Ranges of chunks that are unmapped are taken out and freed.
+ *
+ * The index is a two-level sorted array: leaves of up to LEAF_MAX range
+ * pointers sorted by start, and a top array of the leaves in order.  Live
+ * ranges never overlap (they are mappings that exist at the same time), so
+ * a lookup is two binary searches.  The index is never changed once
+ * published: a writer (holding ranges_lock) builds a new top array and the
+ * one or two new leaves, and publishes them with one atomic pointer store;
+ * the old top array and leaves, and a removed range, are retired.  A
+ * change copies at most three leaves plus the top array (a leaf that
+ * splits leaves two half-full ones, and a leaf that shrinks is merged with
+ * a neighbour when together they fit in half a leaf), not every range.
+ *
+ * Ranges are changed in place only in ways a concurrent reader may see
+ * either side of: `end` shrinks when a sealed chunk's tail is unmapped,
+ * `sealed` goes 0 -> 1, `pool` goes to NULL.  Each is one atomic word.
+ *
+ * Freeing what a handler may still read.  The handler does
+ *     (I) fetch_add(&handlers_in_flight, 1)  (L) load(&published)
+ *     ... reads the index and ranges ...      (D) fetch_sub(&handlers_in_flight, 1)
+ * and a writer, after building and retiring, does
+ *     (W) store(&published, new)             (R) load(&handlers_in_flight)
+ * and frees everything retired so far only if R reads 0; otherwise it
+ * keeps it on the retired list for a later writer.  All five are
+ * sequentially consistent, so they fall in one total order S that agrees
+ * with each thread's program order and with the counter's modification
+ * order.  Take a handler H and a block retired before W:
+ *   - if R reads a counter value from before H's I, then R precedes I in
+ *     S, so W < R < I < L: L sees the index published by W or a later
+ *     one, none of which can reach the block.  H never sees it.
+ *   - otherwise R reads the value of a modification M at or after I.  It
+ *     reads 0, and each handler adds 1 at I and takes it back at D, so
+ *     H's D is at or before M; the counter is only changed by RMWs, so M
+ *     is in the release sequence headed by D and R synchronizes with D.
+ *     H's reads come before its D: they happen before the free.
+ * The leaves and ranges a handler reaches were written before the W that
+ * published them, and L, a seq_cst load, acquires them.
+ * A handler that never gets to D (the process dies, or a handler below us
+ * longjmp()s out; D comes before handing the signal on, so only a crash
+ * inside our own reporting) only keeps the count up: later retired blocks
+ * are then leaked, never freed early.  The handler counts itself in before
+ * it loads the index and out after its last read of it, and uses nothing
+ * but atomic loads, lock-free RMWs and reads of immutable memory.
+ */
+typedef struct retired {
+    struct retired *next;
+} retired;
 
 typedef struct {
-    volatile uintptr_t start, end; /* end == 0: free slot */
-    PoolObject *volatile pool;     /* for the area lookup, best effort */
-    volatile int mode;
-    volatile int sealed;
-    char name[NAME_LEN];
+    retired link;                /* first: a retired block is freed as is */
+    uintptr_t start;             /* fixed */
+    uintptr_t end;               /* atomic; only shrinks */
+    PoolObject *pool;            /* atomic; NULL once the pool is destroyed */
+    int mode;                    /* fixed */
+    int sealed;                  /* atomic; 0 -> 1 */
+    char name[NAME_LEN];         /* fixed, NUL-terminated */
 } fault_range;
 
-static fault_range ranges[MAX_RANGES];
+typedef struct {
+    retired link;
+    size_t n;                    /* 1..LEAF_MAX */
+    fault_range *r[LEAF_MAX];    /* sorted by start */
+} range_leaf;
+
+typedef struct {
+    retired link;
+    size_t nleaves;
+    range_leaf *leaves[];        /* sorted; every leaf has n >= 1 */
+} range_index;
+
+static range_index *published;   /* atomic; NULL: no ranges */
+static int handlers_in_flight;   /* atomic */
+static retired *retired_list;    /* ranges_lock */
+/* ranges marked empty in place because removing them failed for lack of
+ * memory; they are purged before any range is added (ranges_lock) */
+static int need_purge;
 static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int report_enabled = 1;
@@ -84,14 +159,46 @@ put_hex(uintptr_t v)
     put(p);
 }
 
-static fault_range *
-find_range(uintptr_t addr)
+/* Number of ranges in r[0..n) whose start is <= addr (they are sorted). */
+static size_t
+count_at_or_below(fault_range *const *r, size_t n, uintptr_t addr)
 {
-    for (int i = 0; i < MAX_RANGES; i++) {
-        if (ranges[i].end != 0 && ranges[i].start <= addr && addr < ranges[i].end)
-            return &ranges[i];
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r[mid]->start <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    return NULL;
+    return lo;
+}
+
+/* Number of leaves whose first range starts at or below addr. */
+static size_t
+leaves_at_or_below(const range_index *ix, uintptr_t addr)
+{
+    size_t lo = 0, hi = ix->nleaves;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ix->leaves[mid]->r[0]->start <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The range containing addr, in O(log n); async-signal-safe. */
+static fault_range *
+find_range(const range_index *ix, uintptr_t addr)
+{
+    size_t li = ix != NULL ? leaves_at_or_below(ix, addr) : 0;
+    if (li == 0)
+        return NULL;
+    const range_leaf *leaf = ix->leaves[li - 1];
+    fault_range *r = leaf->r[count_at_or_below(leaf->r, leaf->n, addr) - 1];
+    return addr < __atomic_load_n(&r->end, __ATOMIC_RELAXED) ? r : NULL;
 }
 
 /* 1 if the faulting access was a write, 0 a read, -1 unknown. */
@@ -113,10 +220,10 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
 {
     /* The area tables are read without the pool lock: the process is about
      * to die, and a torn read only makes the state/offset "unknown". */
-    const char *state = r->sealed ? "READ_ONLY" : "unknown";
+    const char *state = __atomic_load_n(&r->sealed, __ATOMIC_RELAXED) ? "READ_ONLY" : "unknown";
     uintptr_t pool_offset = addr - r->start;
     int have_offset = 0;
-    PoolObject *pool = r->pool;
+    PoolObject *pool = __atomic_load_n(&r->pool, __ATOMIC_RELAXED);
     if (pool != NULL && pool->areas != NULL) {
         size_t n = pool->nareas;
         uintptr_t before = 0;
@@ -140,7 +247,7 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
         put("\nprmem: fatal write to protected memory\n");
     put("prmem:   pool: '");
     put(r->name);
-    put("'  mode: ");
+    put(pool == NULL ? "' (destroyed)  mode: " : "'  mode: ");
     put(r->mode >= 0 && r->mode < PRMEM_NMODES ? mode_names[r->mode] : "?");
     put("  area state: ");
     put(state);
@@ -201,9 +308,14 @@ segv_handler(int sig, siginfo_t *info, void *context)
         return;
     }
     in_handler = 1;
-    fault_range *r = info->si_code > 0 ? find_range((uintptr_t)info->si_addr) : NULL;
-    if (r != NULL) {
+    /* I and L, then D once the registry is no longer read (see above) */
+    __atomic_fetch_add(&handlers_in_flight, 1, __ATOMIC_SEQ_CST);
+    const range_index *ix = __atomic_load_n(&published, __ATOMIC_SEQ_CST);
+    fault_range *r = info->si_code > 0 ? find_range(ix, (uintptr_t)info->si_addr) : NULL;
+    if (r != NULL)
         report(r, (uintptr_t)info->si_addr, info->si_code, fault_was_write(context));
+    __atomic_fetch_sub(&handlers_in_flight, 1, __ATOMIC_SEQ_CST);
+    if (r != NULL) {
         /* Tracebacks: faulthandler below us prints every thread's; else
          * CPython's own dumper where it exports one. */
         if (!is_handler(&previous_action) && dump_threads != NULL) {
@@ -312,58 +424,245 @@ uninstall_locked(void)
     handler_installed = 0;
 }
 
+/* The static functions from here on run with ranges_lock held. */
+
+static void
+retire(void *block)
+{
+    retired *b = block; /* every registry block starts with its link */
+    b->next = retired_list;
+    retired_list = b;
+}
+
+/* W and R of the comment at the top: publish ix, then free what was
+ * retired if no handler can still be reading it. */
+static void
+publish(range_index *ix)
+{
+    __atomic_store_n(&published, ix, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&handlers_in_flight, __ATOMIC_SEQ_CST) != 0)
+        return; /* a later writer frees them */
+    while (retired_list != NULL) {
+        retired *b = retired_list;
+        retired_list = b->next;
+        free(b);
+    }
+}
+
+/* Publish an index in which leaves [li, li + nold) of the current one are
+ * replaced by leaves holding seq[0..nseq) (sorted), split evenly into as
+ * few leaves as fit.  -1 with errno ENOMEM, and nothing changed, if memory
+ * runs out. */
+static int
+replace_leaves(size_t li, size_t nold, fault_range *const *seq, size_t nseq)
+{
+    range_index *old = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    size_t nleaves = old ? old->nleaves : 0;
+    size_t k = (nseq + LEAF_MAX - 1) / LEAF_MAX;
+    size_t total = nleaves - nold + k;
+    range_index *ix = NULL;
+    if (total > 0) {
+        ix = malloc(sizeof(*ix) + total * sizeof(ix->leaves[0]));
+        if (ix == NULL)
+            goto nomem;
+        ix->nleaves = total;
+        for (size_t i = 0; i < k; i++)
+            ix->leaves[li + i] = NULL;
+        for (size_t i = 0; i < k; i++) {
+            range_leaf *leaf = malloc(sizeof(*leaf));
+            if (leaf == NULL)
+                goto nomem;
+            size_t from = i * nseq / k, to = (i + 1) * nseq / k;
+            leaf->n = to - from;
+            memcpy(leaf->r, seq + from, leaf->n * sizeof(seq[0]));
+            ix->leaves[li + i] = leaf;
+        }
+        if (li > 0)
+            memcpy(ix->leaves, old->leaves, li * sizeof(ix->leaves[0]));
+        if (nleaves > li + nold)
+            memcpy(ix->leaves + li + k, old->leaves + li + nold,
+                   (nleaves - li - nold) * sizeof(ix->leaves[0]));
+    }
+    for (size_t i = 0; i < nold; i++)
+        retire(old->leaves[li + i]);
+    if (old != NULL)
+        retire(old);
+    publish(ix);
+    return 0;
+nomem:
+    if (ix != NULL) {
+        for (size_t i = 0; i < k; i++)
+            free(ix->leaves[li + i]);
+        free(ix);
+    }
+    errno = ENOMEM;
+    return -1;
+}
+
+/* Where start is or would go: its leaf (the last whose first range starts
+ * at or below it, or 0) and its position there. */
+static void
+locate(const range_index *ix, uintptr_t start, size_t *li, size_t *pos)
+{
+    size_t lo = leaves_at_or_below(ix, start);
+    *li = lo > 0 ? lo - 1 : 0;
+    const range_leaf *leaf = ix->leaves[*li];
+    size_t below = count_at_or_below(leaf->r, leaf->n, start);
+    *pos = below > 0 && leaf->r[below - 1]->start == start ? below - 1 : below;
+}
+
+static fault_range *
+lookup_start(char *start, size_t *li, size_t *pos)
+{
+    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    if (ix == NULL)
+        return NULL;
+    locate(ix, (uintptr_t)start, li, pos);
+    const range_leaf *leaf = ix->leaves[*li];
+    return *pos < leaf->n && leaf->r[*pos]->start == (uintptr_t)start ? leaf->r[*pos] : NULL;
+}
+
+/* Rebuild the index without the ranges remove_range() emptied in place. */
+static int
+purge(void)
+{
+    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    size_t n = 0;
+    for (size_t i = 0; i < ix->nleaves; i++)
+        n += ix->leaves[i]->n;
+    fault_range **seq = malloc(n * sizeof(*seq));
+    if (seq == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    size_t kept = 0;
+    fault_range *empty = NULL;
+    for (size_t i = 0; i < ix->nleaves; i++) {
+        for (size_t j = 0; j < ix->leaves[i]->n; j++) {
+            fault_range *r = ix->leaves[i]->r[j];
+            if (r->end > r->start)
+                seq[kept++] = r;
+            else {
+                r->link.next = (retired *)empty; /* not yet retired: a list */
+                empty = r;
+            }
+        }
+    }
+    int rc = replace_leaves(0, ix->nleaves, seq, kept);
+    free(seq);
+    if (rc < 0)
+        return -1;
+    while (empty != NULL) {
+        fault_range *next = (fault_range *)empty->link.next;
+        retire(empty);
+        empty = next;
+    }
+    need_purge = 0;
+    return 0;
+}
+
+/* Take the range at start out of the registry (it covers nothing now). */
+static void
+remove_range(char *start)
+{
+    size_t li, pos;
+    fault_range *r = lookup_start(start, &li, &pos);
+    if (r == NULL)
+        return;
+    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    const range_leaf *leaf = ix->leaves[li];
+    fault_range *seq[LEAF_MAX];
+    size_t n = 0;
+    for (size_t j = 0; j < leaf->n; j++) {
+        if (j != pos)
+            seq[n++] = leaf->r[j];
+    }
+    /* merge a leaf that got small with a neighbour, so that deletions do
+     * not leave the top array full of near-empty leaves */
+    size_t first = li, nold = 1;
+    if (li + 1 < ix->nleaves && n + ix->leaves[li + 1]->n <= LEAF_MAX / 2) {
+        memcpy(seq + n, ix->leaves[li + 1]->r, ix->leaves[li + 1]->n * sizeof(seq[0]));
+        n += ix->leaves[li + 1]->n;
+        nold = 2;
+    }
+    else if (li > 0 && n + ix->leaves[li - 1]->n <= LEAF_MAX / 2) {
+        size_t m = ix->leaves[li - 1]->n;
+        memmove(seq + m, seq, n * sizeof(seq[0]));
+        memcpy(seq, ix->leaves[li - 1]->r, m * sizeof(seq[0]));
+        n += m;
+        first = li - 1;
+        nold = 2;
+    }
+    __atomic_store_n(&r->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
+    if (replace_leaves(first, nold, seq, n) == 0) {
+        retire(r);
+        return;
+    }
+    /* Out of memory: leave it in place but covering nothing, so a lookup
+     * cannot match it (its address may be mapped again by anyone), and
+     * purge it before the next range comes in. */
+    __atomic_store_n(&r->end, r->start, __ATOMIC_RELAXED);
+    need_purge = 1;
+}
+
+/* Register the chunk [start, start + size) of pool.  Called with the pool
+ * lock held: no Python API here.  0, or -1 with errno ENOMEM. */
 PRMEM_INTERNAL int
 prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
-    int rc = -1;
-    const char *name = pool->cname;
+    fault_range *r = malloc(sizeof(*r));
+    if (r == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    r->start = (uintptr_t)start;
+    r->end = (uintptr_t)start + size;
+    r->pool = pool;
+    r->mode = pool->mode;
+    r->sealed = 0;
+    /* truncated on a UTF-8 character boundary */
+    const char *name = pool->cname != NULL ? pool->cname : "?";
+    size_t len = strlen(name);
+    if (len > NAME_LEN - 1) {
+        len = NAME_LEN - 1;
+        while (len > 0 && ((unsigned char)name[len] & 0xc0) == 0x80)
+            len--;
+    }
+    memcpy(r->name, name, len);
+    r->name[len] = '\0';
+
     pthread_mutex_lock(&ranges_lock);
-    for (int i = 0; i < MAX_RANGES; i++) {
-        if (ranges[i].end != 0)
-            continue;
-        fault_range *r = &ranges[i];
-        r->start = (uintptr_t)start;
-        r->pool = pool;
-        r->mode = pool->mode;
-        r->sealed = 0;
-        strncpy(r->name, name, NAME_LEN - 1);
-        r->name[NAME_LEN - 1] = '\0';
-        __atomic_store_n(&r->end, (uintptr_t)start + size, __ATOMIC_RELEASE);
-        rc = 0;
-        break;
+    int rc = need_purge ? purge() : 0;
+    if (rc == 0) {
+        range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+        fault_range *seq[LEAF_MAX + 1], *stale = NULL;
+        size_t li = 0, pos = 0, n = 0;
+        if (ix != NULL) {
+            locate(ix, r->start, &li, &pos);
+            const range_leaf *leaf = ix->leaves[li];
+            n = leaf->n;
+            /* A range with the same start was unmapped behind prmem's back
+             * (the kernel just handed the address out again): replace it. */
+            if (pos < n && leaf->r[pos]->start == r->start)
+                stale = leaf->r[pos];
+            size_t skip = stale != NULL;
+            memcpy(seq, leaf->r, pos * sizeof(seq[0]));
+            memcpy(seq + pos + 1, leaf->r + pos + skip, (n - pos - skip) * sizeof(seq[0]));
+            n -= skip;
+        }
+        seq[pos] = r;
+        rc = replace_leaves(li, ix != NULL, seq, n + 1);
+        if (rc == 0 && stale != NULL) {
+            __atomic_store_n(&stale->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
+            retire(stale);
+        }
     }
     pthread_mutex_unlock(&ranges_lock);
+    if (rc < 0) {
+        free(r);
+        errno = ENOMEM;
+    }
     return rc;
-}
-
-static void
-for_range(char *start, void (*fn)(fault_range *))
-{
-    pthread_mutex_lock(&ranges_lock);
-    for (int i = 0; i < MAX_RANGES; i++) {
-        if (ranges[i].end != 0 && ranges[i].start == (uintptr_t)start)
-            fn(&ranges[i]);
-    }
-    pthread_mutex_unlock(&ranges_lock);
-}
-
-static void
-mark_sealed(fault_range *r)
-{
-    r->sealed = 1;
-}
-
-static void
-orphan(fault_range *r)
-{
-    r->pool = NULL; /* the range stays: mseal()ed memory outlives its pool */
-}
-
-static void
-release_range(fault_range *r)
-{
-    __atomic_store_n(&r->end, (uintptr_t)0, __ATOMIC_RELEASE);
-    r->pool = NULL;
 }
 
 /* The chunk at start is sealed and now only `size` bytes long (its tail was
@@ -371,26 +670,40 @@ release_range(fault_range *r)
 PRMEM_INTERNAL void
 prmem_fault_sealed(char *start, size_t size)
 {
+    size_t li, pos;
     pthread_mutex_lock(&ranges_lock);
-    for (int i = 0; i < MAX_RANGES; i++) {
-        if (ranges[i].end != 0 && ranges[i].start == (uintptr_t)start) {
-            mark_sealed(&ranges[i]);
-            __atomic_store_n(&ranges[i].end, (uintptr_t)start + size, __ATOMIC_RELEASE);
-        }
+    fault_range *r = lookup_start(start, &li, &pos);
+    if (r != NULL && size == 0) {
+        remove_range(start); /* nothing of it is mapped any more */
+    }
+    else if (r != NULL) {
+        __atomic_store_n(&r->sealed, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->end, (uintptr_t)start + size, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&ranges_lock);
 }
 
+/* The pool of the chunk at start is being destroyed, but the chunk is
+ * mseal()ed: it stays mapped for good, and so does its range, reported
+ * with the pool's name as a destroyed pool. */
 PRMEM_INTERNAL void
 prmem_fault_orphan(char *start)
 {
-    for_range(start, orphan);
+    size_t li, pos;
+    pthread_mutex_lock(&ranges_lock);
+    fault_range *r = lookup_start(start, &li, &pos);
+    if (r != NULL)
+        __atomic_store_n(&r->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&ranges_lock);
 }
 
+/* The chunk at start is about to be unmapped. */
 PRMEM_INTERNAL void
 prmem_fault_unregister(char *start)
 {
-    for_range(start, release_range);
+    pthread_mutex_lock(&ranges_lock);
+    remove_range(start);
+    pthread_mutex_unlock(&ranges_lock);
 }
 
 /* Called whenever memory becomes protected: the report is on by default
@@ -437,9 +750,7 @@ prmem_fault_report(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             prepare_tracebacks();
         pthread_mutex_lock(&ranges_lock);
         report_enabled = on;
-        int any = 0;
-        for (int i = 0; i < MAX_RANGES && !any; i++)
-            any = ranges[i].end != 0;
+        int any = __atomic_load_n(&published, __ATOMIC_RELAXED) != NULL;
         int rc = 0;
         int drop_faulthandler = 0;
         if (!on) {

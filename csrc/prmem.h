@@ -348,7 +348,9 @@ PRMEM_INTERNAL PyObject *prmem_module_rare_write(PyObject *module, PyObject *con
 PRMEM_INTERNAL PyObject *prmem_module_rare_memset(PyObject *module, PyObject *const *args,
                                                   Py_ssize_t nargs, PyObject *kwnames);
 
-/* fault.c: the fault report's registry of chunk ranges and its handler. */
+/* fault.c: the fault report's registry of chunk ranges and its handler.
+ * Called with the pool lock held and no Python API: prmem_fault_register()
+ * returns 0, or -1 with errno ENOMEM and no Python exception set. */
 PRMEM_INTERNAL int prmem_fault_register(PoolObject *pool, char *start, size_t size);
 PRMEM_INTERNAL void prmem_fault_sealed(char *start, size_t size);
 PRMEM_INTERNAL void prmem_fault_orphan(char *start);

@@ -104,3 +104,96 @@ def test_fault_report_query_and_toggle():
         assert prmem.fault_report() is True
     finally:
         prmem.fault_report(previous)
+
+
+needs_mseal = pytest.mark.skipif("mseal" not in prmem.features, reason="kernel lacks mseal")
+
+
+def test_report_past_ten_thousand_ranges():
+    # 5000 live pools and 5000 destroyed seal=True pools (their mseal()ed
+    # chunks stay mapped, and registered, for good) come before the pool
+    # that is hit: the registry has no cap.  Without mseal the sealed
+    # pools' ranges are released instead; the test holds either way.
+    proc = run_child("""
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one memfd per live pool
+live = []
+for i in range(5000):
+    pool = Pool(Mode.RO, name="live-%d" % i, refill=4096)
+    pool.alloc(8)
+    if i % 2:
+        pool.protect()
+    live.append(pool)
+for i in range(5000):
+    pool = Pool(Mode.RO, name="sealed-%d" % i, refill=4096, seal=True)
+    pool.alloc(8)
+    pool.protect()
+    pool.destroy()
+last = Pool(Mode.RO, name="after-10000", refill=4096)
+a = last.alloc(8)
+last.protect()
+native_write(a)
+print("SURVIVED")
+""", timeout=60)  # the whole child takes well under a second
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
+    assert "SURVIVED" not in proc.stdout
+    assert "prmem: fatal write to protected memory" in proc.stderr
+    assert "pool: 'after-10000'  mode: RO  area state: READ_ONLY" in proc.stderr
+
+
+@needs_mseal
+def test_report_names_destroyed_sealed_pool():
+    # A destroyed seal=True pool's memory stays mapped read-only for good:
+    # a stray write there still says whose it was.
+    proc = run_child("""
+pool = Pool(Mode.RO, name="retired", seal=True)
+a = pool.alloc(64)
+a.write(b"kept")
+pool.protect()
+address = a.address
+pool.destroy()
+other = Pool(Mode.RO, name="other")  # a live pool too
+other.alloc(8)
+other.protect()
+ctypes.memmove(address + 8, b"evil", 4)
+print("SURVIVED")
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "SURVIVED" not in proc.stdout
+    assert "prmem: fatal write to protected memory" in proc.stderr
+    assert "pool: 'retired' (destroyed)  mode: RO  area state: READ_ONLY" in proc.stderr
+    assert "offset in chunk: 0x8" in proc.stderr
+
+
+def test_report_survives_many_pools_coming_and_going():
+    # Ranges of destroyed (unmapped) pools are taken out: after thousands
+    # of pools came and went, a pool created before them is still found.
+    proc = run_child("""
+first = Pool(Mode.RO, name="first")
+fa = first.alloc(8)
+first.protect()
+for i in range(6000):
+    p = Pool(Mode.WR, name="churn-%d" % i, refill=4096)
+    p.alloc(8)
+    p.protect()
+    p.destroy()
+last = Pool(Mode.RO, name="last")
+last.alloc(8)
+last.protect()
+native_write(fa)
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: 'first'  mode: RO  area state: READ_ONLY" in proc.stderr
+
+
+def test_report_truncates_long_names_on_a_character_boundary():
+    name = "é" * 40  # 80 bytes of UTF-8: cut to at most 63, whole characters
+    proc = run_child(f"""
+pool = Pool(Mode.RO, name={name!r})
+a = pool.alloc(8)
+pool.protect()
+native_write(a)
+""")
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: '" + "é" * 31 + "'  mode: RO" in proc.stderr
