@@ -118,17 +118,24 @@ prmem_raise(const prmem_error *e)
     return NULL;
 }
 
+/* The soft limit of `resource` as text, for messages. */
+static void
+format_limit(int resource, const char *unit, char *buf, size_t n)
+{
+    struct rlimit lim;
+    if (getrlimit(resource, &lim) < 0)
+        snprintf(buf, n, "unknown");
+    else if (lim.rlim_cur == RLIM_INFINITY)
+        snprintf(buf, n, "unlimited");
+    else
+        snprintf(buf, n, "%llu%s", (unsigned long long)lim.rlim_cur, unit);
+}
+
 PRMEM_INTERNAL int
 prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what, size_t size, int err)
 {
-    struct rlimit lim;
-    char limit[64] = "unknown";
-    if (getrlimit(RLIMIT_MEMLOCK, &lim) == 0) {
-        if (lim.rlim_cur == RLIM_INFINITY)
-            snprintf(limit, sizeof(limit), "unlimited");
-        else
-            snprintf(limit, sizeof(limit), "%llu bytes", (unsigned long long)lim.rlim_cur);
-    }
+    char limit[64];
+    format_limit(RLIMIT_MEMLOCK, " bytes", limit, sizeof(limit));
     return prmem_fail(e, PyExc_MemoryError,
                       "prmem pool '%.200s': cannot lock %zu more bytes in memory for %s (%s): "
                       "locked memory is limited by RLIMIT_MEMLOCK (now %s); raise it with "
@@ -148,14 +155,8 @@ fail_nomemory(PoolObject *pool, prmem_error *e, size_t size, const char *syscall
 static int
 fail_nofile(PoolObject *pool, prmem_error *e, const char *syscall_name, int err)
 {
-    struct rlimit lim;
-    char limit[64] = "unknown";
-    if (getrlimit(RLIMIT_NOFILE, &lim) == 0) {
-        if (lim.rlim_cur == RLIM_INFINITY)
-            snprintf(limit, sizeof(limit), "unlimited");
-        else
-            snprintf(limit, sizeof(limit), "%llu", (unsigned long long)lim.rlim_cur);
-    }
+    char limit[64];
+    format_limit(RLIMIT_NOFILE, "", limit, sizeof(limit));
     if (err == ENFILE)
         return prmem_fail_errno(e, err,
                                 "prmem pool '%.200s': cannot open a memory file (%s: %s): the "

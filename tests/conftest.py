@@ -34,29 +34,11 @@ def perms_at(address, default=None):
 
 
 def backing_fds(address, name=None):
-    """Fresh read-write descriptors of the file mapped at address, obtained
-    the ways code in this process could: reopening prmem's own descriptors
-    of pool `name` (if it still holds any) through /proc/self/fd, and
-    /proc/self/map_files (needs CAP_SYS_ADMIN).  The caller closes them."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                inode = int(fields[4])
-                span = fields[0]
-                break
-        else:
-            raise LookupError(hex(address))
-    fds = []
-    for fd in (pool_fds(name) if name is not None else []):
-        if os.fstat(fd).st_ino == inode:
-            fds.append(os.open("/proc/self/fd/%d" % fd, os.O_RDWR))
-    try:
-        fds.append(os.open("/proc/self/map_files/" + span, os.O_RDWR))
-    except OSError:
-        pass
-    return fds
+    """Fresh read-write descriptors of the file mapped at address, got the
+    ways code in this process could (prmem._probes.writable_fds); the
+    caller closes them.  `name` is accepted for readability only."""
+    from prmem._probes import writable_fds
+    return writable_fds(address)
 
 
 def pool_fds(name):

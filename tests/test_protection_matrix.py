@@ -236,15 +236,9 @@ def memfd_backing(name: str, address: int) -> tuple[int, int]:
     (see backing_fds).  Sealed READ_ONLY chunks keep no prmem descriptor;
     where /proc/self/map_files is not open to us either, no descriptor can
     be had at all, and the descriptor attacks are moot."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                offset = int(fields[2], 16) + address - start
-                break
-        else:
-            raise LookupError(hex(address))
+    from prmem._probes import mapping_at
+
+    _span, offset, _inode = mapping_at(address)
     fds = backing_fds(address, name)
     if not fds:
         pytest.skip("no descriptor of the pool's file can be opened here")

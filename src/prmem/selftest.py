@@ -24,6 +24,7 @@ CHILD_PRELUDE = r'''
 import ctypes, errno, os, sys, threading
 import prmem
 from prmem import Mode, Pool
+from prmem._probes import writable_alias, writable_fds
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -55,32 +56,8 @@ def try_mprotect_write(alloc):
         return "allowed"
     return errno_name(ctypes.get_errno())
 
-def writable_fds(alloc):
-    """Read-write descriptors of the file behind alloc, got the ways code in
-    this process could: reopening a descriptor prmem still holds, or
-    /proc/self/map_files (needs CAP_SYS_ADMIN)."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= alloc.address < end:
-                span, inode = fields[0], int(fields[4])
-                break
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.stat("/proc/self/fd/" + fd).st_ino == inode:
-                fds.append(os.open("/proc/self/fd/" + fd, os.O_RDWR))
-        except OSError:
-            pass
-    try:
-        fds.append(os.open("/proc/self/map_files/" + span, os.O_RDWR))
-    except OSError:
-        pass
-    return fds
-
 def try_fd_pwrite(alloc):
-    fds = writable_fds(alloc)
+    fds = writable_fds(alloc.address)
     if not fds:
         return "no descriptor"
     results = set()
@@ -93,23 +70,6 @@ def try_fd_pwrite(alloc):
         finally:
             os.close(fd)
     return "written" if "written" in results else "/".join(sorted(results))
-
-def writable_alias(alloc):
-    """A writable shared mapping of alloc's page, made outside prmem."""
-    import mmap
-    fd = writable_fds(alloc)[0]
-    try:
-        page = alloc.address & ~(mmap.PAGESIZE - 1)
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= page < end:
-                    offset = int(fields[2], 16) + page - start
-        return mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                         mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-    finally:
-        os.close(fd)
 
 def try_proc_mem_write(alloc):
     fd = os.open("/proc/self/mem", os.O_RDWR)
@@ -182,7 +142,7 @@ SCENARIOS: List[Scenario] = [
              requires=_SEALED, also_ok=("no descriptor",)),
     Scenario("RO pool: protect() with a writable alias mapped before", "ProtectionError", """
 pool, a = filled(Mode.RO, protect=False)
-alias = writable_alias(a)
+alias = writable_alias(a.address)
 try:
     pool.protect()
     outcome("protected")
