@@ -232,6 +232,18 @@ Allocation_ass_subscript(AllocationObject *self, PyObject *key, PyObject *value)
         PyErr_Format(PyExc_ValueError,
                      "cannot resize a prmem allocation: slice has %zd bytes, data has %zd",
                      count, buf.len);
+    else if (step != 1 && count > 0) {
+        /* the source may be a view of this memory: a strided copy must read
+         * it all before writing (a contiguous one uses memmove) */
+        char *staged = PyMem_Malloc((size_t)count);
+        if (staged == NULL)
+            PyErr_NoMemory();
+        else {
+            memcpy(staged, buf.buf, (size_t)count);
+            rc = checked_store(self, start, step, count, staged);
+            PyMem_Free(staged);
+        }
+    }
     else
         rc = checked_store(self, start, step, count, buf.buf);
     PyBuffer_Release(&buf);

@@ -80,6 +80,8 @@ prmem_sync_fault_registry(PoolObject *pool)
         if (ch->registered && ch->sealed && !ch->reported_sealed) {
             prmem_fault_sealed(ch->base, ch->size);
             ch->reported_sealed = 1;
+            if (ch->size == 0)
+                ch->registered = 0; /* fault.c dropped the range: nothing is mapped */
         }
     }
     if (pool->protect_event) {

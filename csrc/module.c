@@ -40,6 +40,11 @@ apply_disabled_features(void)
     if (env == NULL)
         return 0;
     char buf[256];
+    if (strlen(env) >= sizeof(buf)) {
+        PyErr_SetString(PyExc_ImportError,
+                        "PRMEM_DISABLE_FEATURES is too long (at most 255 characters)");
+        return -1;
+    }
     snprintf(buf, sizeof(buf), "%s", env);
     char *save = NULL;
     for (char *tok = strtok_r(buf, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
