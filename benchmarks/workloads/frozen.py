@@ -25,7 +25,8 @@ every implementation; each sample times one compiled loop (harness
 ``batch_loop``: a function with fast locals) of ``m[p[o + _i]]``
 (nested: ``m[p[o + _i]][q[o + _i]]``) over the next chunk of the probe list,
 so every implementation walks the same chunks in the same order.  Samples
-are taken in rounds, the implementations in a shuffled order each round;
+are taken in rounds, interleaved sample by sample (each cycle in a
+shuffled order) until each implementation has used its time of the round;
 reported: median and p99 of the per-sample mean ns per lookup, and the
 spread of the per-round medians.  Every implementation's answers are
 checked against the dict's for the whole probe list before timing.
@@ -55,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import prmem
 
-from ..harness import (Budget, CpuLoadProbe, RunContext, batch_loop, gc_paused, perf_ns, ratio,
+from ..harness import (CpuLoadProbe, RunContext, batch_loop, gc_paused, perf_ns, ratio,
                        summarize, vma_at)
 from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
@@ -441,9 +442,11 @@ def _check(impls: List[Impl], data: Dict[str, Any], probes: List[str],
 
 def _lookups(ctx: RunContext, impls: List[Impl], data: Dict[str, Any], nested: bool,
              probes: List[str], fields: Optional[List[str]], batch: int,
-             order: random.Random, seconds: float) -> Dict[str, Any]:
+             order: random.Random, seconds: float, warm: bool = False) -> Dict[str, Any]:
     """Sample every implementation on this probe list; fills impl.samples
-    and impl.round_samples (cleared first)."""
+    and impl.round_samples (cleared first).  ``warm``: time each chunk
+    right after an untimed pass over the same chunk (the hot case: what it
+    touches is then in the CPU caches, whatever ran before)."""
     look, floor = _loops(nested)
     rounds = ctx.pick(2, 8)
     min_samples = ctx.pick(4, 24)
@@ -456,26 +459,39 @@ def _lookups(ctx: RunContext, impls: List[Impl], data: Dict[str, Any], nested: b
         o = (impl.chunk % chunks) * batch
         impl.chunk += 1
         loop = floor if impl.floor else look
+        if warm:
+            loop(batch, impl.obj, lists[impl.key], q, o)
         return loop(batch, impl.obj, lists[impl.key], q, o) / batch
 
     live = [i for i in impls if not i.error]
     for impl in live:
         impl.samples, impl.round_samples, impl.chunk = [], [], 0
+    per_round = seconds / rounds
+    min_r, max_r = max(1, min_samples // rounds), max(1, max_samples // rounds)
     with gc_paused():
         for impl in live:  # warm-up: one pass over the whole probe list
             for _ in range(chunks):
                 sample(impl)
             impl.chunk = 0
         for _ in range(rounds):
-            order.shuffle(live)  # no implementation always runs right after another
+            # Interleaved sample by sample (each cycle in a shuffled order),
+            # so that whatever else the machine does hits every row alike;
+            # a row leaves the round when it has used its time (or has its
+            # maximum of samples), so the slow packed table stops early.
+            got: Dict[str, List[float]] = {impl.key: [] for impl in live}
+            spent = {impl.key: 0 for impl in live}
+            active = list(live)
+            while active:
+                order.shuffle(active)
+                for impl in active:
+                    t0 = perf_ns()
+                    got[impl.key].append(sample(impl))
+                    spent[impl.key] += perf_ns() - t0
+                active = [i for i in active if len(got[i.key]) < min_r or (
+                    len(got[i.key]) < max_r and spent[i.key] < per_round * 1e9)]
             for impl in live:
-                budget = Budget(seconds / rounds, max(1, min_samples // rounds),
-                                max(1, max_samples // rounds))
-                got: List[float] = []
-                while budget.more(len(got)):
-                    got.append(sample(impl))
-                impl.samples.extend(got)
-                impl.round_samples.append(got)
+                impl.samples.extend(got[impl.key])
+                impl.round_samples.append(got[impl.key])
     return {"rounds": rounds, "probes_per_sample": batch, "chunks": chunks}
 
 
@@ -644,6 +660,7 @@ def run(ctx: RunContext) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     memory: List[Dict[str, Any]] = []
     params: Dict[str, Any] = {}
+    problems: List[str] = []
     for dataset in DATASETS:
         data = datas[dataset]
         nested = dataset == "nested"
@@ -657,7 +674,8 @@ def run(ctx: RunContext) -> Dict[str, Any]:
                 _check(impls, data, case_probes, fields if nested else None)
                 params = _lookups(ctx, impls, data, nested, case_probes,
                                   fields if nested else None, batch, order,
-                                  seconds * (0.5 if case == "int_hot" else 1.0))
+                                  seconds * (0.5 if case == "int_hot" else 1.0),
+                                  warm=case == "int_hot")
                 rows += _lookup_rows(case, impls, params)
         finally:
             for impl in impls:
@@ -665,7 +683,8 @@ def run(ctx: RunContext) -> Dict[str, Any]:
                     try:
                         impl.teardown()
                     except Exception as exc:  # pragma: no cover - reported
-                        impl.error = (impl.error or "") + f" teardown: {exc!r}"
+                        problems.append(f"{impl.label} ({dataset}): teardown failed: {exc!r}")
+                        ctx.log(f"[{NAME}] {problems[-1]}")
             del impls
         dict_bytes, objects = deep_sizeof(data)
         info.update(dict_deep_bytes=dict_bytes, dict_objects=objects,
@@ -678,7 +697,9 @@ def run(ctx: RunContext) -> Dict[str, Any]:
     ctx.log(f"[{NAME}] freeze() vs pickle.dumps() ...")
     build = _freeze_rows(ctx, datas, order)
     other_load = load.other_load()
-    return _result(rows, build, memory, n, params, other_load, lookup_load, ctx)
+    result = _result(rows, build, memory, n, params, other_load, lookup_load, ctx)
+    result["notes"] += [f"Error: {p}" for p in problems]
+    return result
 
 
 def _result(rows: List[Dict[str, Any]], build: List[Dict[str, Any]],
@@ -748,15 +769,17 @@ def _result(rows: List[Dict[str, Any]], build: List[Dict[str, Any]],
         "to the stored keys (a dict cannot short-cut on identity; their str hash is cached "
         "after the warm-up pass); nested: plus a random field per probe. Each sample runs "
         f"{params.get('probes_per_sample', 0):,} consecutive probes (the next chunk of the "
-        f"list), in {params.get('rounds', 0)} rounds; each implementation first made one "
+        f"list), in {params.get('rounds', 0)} rounds, the rows interleaved sample by sample "
+        "in a shuffled order; each implementation first made one "
         "unmeasured pass over the whole list, and its answers were checked against the "
         "dict's for every probe.",
         f"'{CASE_LABELS['int_hot']}': the str → small int structures again, with a probe "
-        f"list of {n:,} draws from {HOT_KEYS:,} keys only, so that what the lookups touch "
-        "stays in the CPU caches: the cost of a lookup itself. The other cases probe all "
-        f"{n:,} keys at random; at 10^5 keys they are bound by cache misses (each structure "
-        "is several MiB), and the ratios there say as much about memory layout as about "
-        "code.",
+        f"list of {n:,} draws from {HOT_KEYS:,} keys only, each sample timed right after an "
+        "untimed pass over the same probes, so that what the lookups touch is in the CPU "
+        "caches: the cost of a lookup itself. The other cases probe all "
+        f"{n:,} keys at random, each sample once; at 10^5 keys they are bound by cache "
+        "misses (each structure is several MiB, and the rows interleave), so the ratios "
+        "there say as much about memory layout as about code.",
         "'vs dict' is the ratio of the medians; 'per round' is the lowest and highest ratio "
         "of the per-round medians, i.e. how much it moved in this run. A row is flagged "
         f"noisy when its per-round medians differ by more than {NOISY_SPREAD:.2f}×.",
