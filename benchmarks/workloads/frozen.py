@@ -24,7 +24,9 @@ the keys but distinct str objects, as keys from input would be) shared by
 every implementation; each sample times one compiled loop (harness
 ``batch_loop``: a function with fast locals) of ``m[p[o + _i]]``
 (nested: ``m[p[o + _i]][q[o + _i]]``) over the next chunk of the probe list,
-so every implementation walks the same chunks in the same order.  Samples
+so every implementation walks the same chunks in the same order (each from
+its own starting chunk, so that two rows never work on the same probes
+one right after the other and find them in the caches).  Samples
 are taken in rounds, interleaved sample by sample (each cycle in a
 shuffled order) until each implementation has used its time of the round;
 reported: median and p99 of the per-sample mean ns per lookup, and the
@@ -464,15 +466,24 @@ def _lookups(ctx: RunContext, impls: List[Impl], data: Dict[str, Any], nested: b
         return loop(batch, impl.obj, lists[impl.key], q, o) / batch
 
     live = [i for i in impls if not i.error]
+    # Every row walks the chunks in the same order, but from its own start,
+    # evenly spread: interleaved rows are never on the same chunk at the same
+    # time, so no row finds its probes (and the key objects it shares with
+    # other rows) in the caches because the row before it just used them.
+    start = {impl.key: k * chunks // len(live) for k, impl in enumerate(live)}
     for impl in live:
-        impl.samples, impl.round_samples, impl.chunk = [], [], 0
+        impl.samples, impl.round_samples, impl.chunk = [], [], start[impl.key]
     per_round = seconds / rounds
     min_r, max_r = max(1, min_samples // rounds), max(1, max_samples // rounds)
     with gc_paused():
-        for impl in live:  # warm-up: one pass over the whole probe list
-            for _ in range(chunks):
+        # warm-up: one pass over the whole probe list, interleaved as the
+        # measurement is (so that no row starts with the caches to itself)
+        for _ in range(chunks):
+            order.shuffle(live)
+            for impl in live:
                 sample(impl)
-            impl.chunk = 0
+        for impl in live:
+            impl.chunk = start[impl.key]
         for _ in range(rounds):
             # Interleaved sample by sample (each cycle in a shuffled order),
             # so that whatever else the machine does hits every row alike;
@@ -769,7 +780,9 @@ def _result(rows: List[Dict[str, Any]], build: List[Dict[str, Any]],
         "to the stored keys (a dict cannot short-cut on identity; their str hash is cached "
         "after the warm-up pass); nested: plus a random field per probe. Each sample runs "
         f"{params.get('probes_per_sample', 0):,} consecutive probes (the next chunk of the "
-        f"list), in {params.get('rounds', 0)} rounds, the rows interleaved sample by sample "
+        "list; every row walks the chunks in the same order, each from its own starting "
+        "chunk, so that no row runs the probes another row has just brought into the "
+        f"caches), in {params.get('rounds', 0)} rounds, the rows interleaved sample by sample "
         "in a shuffled order; each implementation first made one "
         "unmeasured pass over the whole list, and its answers were checked against the "
         "dict's for every probe.",
