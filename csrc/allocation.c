@@ -98,6 +98,7 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
     PoolObject *pool = self->pool;
     POOL_LOCK(pool);
     pool->exports--;
+    prmem_release_if_pending(pool);
     if (view->internal != NULL) {
         pool->areas[self->area].wexports--;
         pool->wexports--;
@@ -534,6 +535,7 @@ ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
     PoolObject *pool = self->alloc->pool;
     POOL_LOCK(pool);
     pool->exports--;
+    prmem_release_if_pending(pool);
     POOL_UNLOCK(pool);
 }
 

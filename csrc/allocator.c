@@ -579,6 +579,57 @@ Pool_finish_init(PoolObject *self, PyObject *unused)
     return PyBool_FromLong(!done);
 }
 
+static void warn_sealed_leftovers(void);
+
+/* With the lock held: give the memory back, for good. */
+static void
+release_locked(PoolObject *self)
+{
+    forget_fault_ranges(self);
+    prmem_pool_release(self);
+    self->destroyed = 1;
+    self->destroy_pending = 0;
+}
+
+/* With the lock held, after a view or a handle went away: a pool whose
+ * destruction was deferred (Pool._destroy_when_released) goes with its
+ * last one. */
+PRMEM_INTERNAL void
+prmem_release_if_pending(PoolObject *pool)
+{
+    if (pool->destroy_pending && pool->exports == 0 && pool->pins == 0 && !pool->destroyed)
+        release_locked(pool);
+}
+
+/* _destroy_when_released() -> bool: destroy now if nothing refers to the
+ * memory (True), else as soon as the last view or handle goes (False). */
+static PyObject *
+Pool_destroy_when_released(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    prmem_error e;
+    POOL_LOCK(self);
+    int now = 0, rc = 0;
+    if (self->section)
+        rc = prmem_fail(&e, self->mstate->ProtectionError,
+                        "%.200s cannot be destroyed: after-init sections live as long as the "
+                        "process", self->cname);
+    else if (!self->destroyed) {
+        self->destroy_pending = 1;
+        prmem_release_if_pending(self);
+        now = self->destroyed;
+    }
+    else
+        now = 1;
+    POOL_UNLOCK(self);
+    if (rc < 0)
+        return prmem_raise(&e);
+    if (now)
+        warn_sealed_leftovers();
+    return PyBool_FromLong(now);
+}
+
 /* seal=True memory of destroyed pools stays mapped and resident until the
  * process exits (mseal()ed ranges cannot be unmapped).  Say so once the
  * process has left PRMEM_SEALED_LEFTOVER_WARN such chunks behind, and again
@@ -623,15 +674,13 @@ Pool_destroy(PoolObject *self, PyObject *unused)
     }
     if (self->exports > 0 || self->pins > 0) {
         prmem_fail(&e, PyExc_BufferError,
-                   "cannot destroy pool '%.200s': %zd buffer view(s) and %zd frozen "
-                   "container(s) or array(s) of its memory are still alive; release them "
+                   "cannot destroy pool '%.200s': %zd buffer view(s) or array(s) and %zd "
+                   "frozen container(s) of its memory are still alive; release them "
                    "first (del them, or leave the `with memoryview(...)` block)",
                    self->cname, self->exports, self->pins);
         goto fail;
     }
-    forget_fault_ranges(self);
-    prmem_pool_release(self);
-    self->destroyed = 1;
+    release_locked(self);
     POOL_UNLOCK(self);
     warn_sealed_leftovers();
     Py_RETURN_NONE;
@@ -808,6 +857,8 @@ static PyMethodDef Pool_methods[] = {
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
     {"_stats", (PyCFunction)Pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_destroy_when_released", (PyCFunction)Pool_destroy_when_released, METH_NOARGS,
+     "Destroy now, or as soon as the last buffer view and frozen handle go."},
     {"_alloc_init", (PyCFunction)Pool_alloc_init, METH_VARARGS,
      "_alloc_init(data, align_order) -> Allocation holding a copy of data."},
     {"_verify", (PyCFunction)Pool_verify, METH_NOARGS,

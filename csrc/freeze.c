@@ -506,9 +506,12 @@ raise_data_error(encoder *enc)
         Py_SETREF(where, PyUnicode_FromString("the top level"));
     if (where == NULL)
         return;
-    if (enc->problem == NULL) /* an unsupported type */
-        PyErr_Format(enc->error_type, "freeze(): %s at %U is a %s; %s", what, where,
-                     ((PyTypeObject *)enc->culprit_type)->tp_name, supported);
+    if (enc->problem == NULL) { /* an unsupported type */
+        const char *type_name = ((PyTypeObject *)enc->culprit_type)->tp_name;
+        const char *article = strchr("aeiouAEIOU", type_name[0]) ? "an" : "a";
+        PyErr_Format(enc->error_type, "freeze(): %s at %U is %s %s; %s", what, where, article,
+                     type_name, supported);
+    }
     else
         PyErr_Format(enc->error_type, "freeze(): %s at %U %s", what, where, enc->problem);
     Py_DECREF(where);

@@ -107,6 +107,7 @@ Extent_dealloc(ExtentObject *self)
         PoolObject *pool = self->alloc->pool;
         POOL_LOCK(pool);
         pool->pins--;
+        prmem_release_if_pending(pool);
         POOL_UNLOCK(pool);
         Py_DECREF(self->alloc);
     }
@@ -310,6 +311,14 @@ materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
 
 /* -------------------------------------------------------- lookup keys */
 
+/* a key can only be str, bytes or an int */
+static inline int
+key_tag(uint32_t tag)
+{
+    return tag == PRMEM_FZ_STR || tag == PRMEM_FZ_BYTES || tag == PRMEM_FZ_INT ||
+           tag == PRMEM_FZ_BIGINT;
+}
+
 typedef struct {
     uint32_t tag;
     const char *data;
@@ -455,7 +464,9 @@ map_find(FrozenObject *h, PyObject *key, prmem_fz_slot *value, uint64_t *value_o
         }
         else {
             uint64_t len;
-            const char *data = slot_bytes(x, &ks, &len);
+            /* big ints are always blobs, as materialize() reads them */
+            const char *data = k.tag == PRMEM_FZ_BIGINT ? blob(x, ks.payload, &len)
+                                                         : slot_bytes(x, &ks, &len);
             if (data == NULL) {
                 rc = -1;
                 break;
@@ -707,9 +718,7 @@ Iter_next(FrozenIterObject *self)
     load_slot(x, e + PRMEM_FZ_SLOT, &vs);
     if (self->kind == ITER_VALUES)
         return materialize(x, &vs, h->node);
-    /* a key can only be str, bytes or an int */
-    if (ks.tag != PRMEM_FZ_STR && ks.tag != PRMEM_FZ_BYTES && ks.tag != PRMEM_FZ_INT &&
-        ks.tag != PRMEM_FZ_BIGINT)
+    if (!key_tag(ks.tag))
         return corrupt(x, "map key of an unsupported type", e);
     PyObject *key = materialize(x, &ks, h->node);
     if (key == NULL || self->kind == ITER_KEYS)
@@ -799,7 +808,7 @@ thaw_node(ExtentObject *x, int tag, uint64_t node)
             prmem_fz_slot ks, vs;
             load_slot(x, e, &ks);
             load_slot(x, e + PRMEM_FZ_SLOT, &vs);
-            if (ks.tag == PRMEM_FZ_LIST || ks.tag == PRMEM_FZ_MAP) {
+            if (!key_tag(ks.tag)) {
                 corrupt(x, "map key of an unsupported type", e);
                 Py_DECREF(dict);
                 goto done;

@@ -182,6 +182,7 @@ typedef struct PoolObject {
     int section;            /* ro_after_init / wr_after_init: never destroyed */
     int closed;             /* section after mark_init_done(): no allocations */
     int share;              /* sealed chunks keep a read-only descriptor to pass on */
+    int destroy_pending;    /* destroy as soon as the last view and handle go */
     int attached;           /* memory received from another process (share.c) */
     void *attach_marks;     /* share.c: the "attached from" markers, to unmap */
     size_t nattach_marks;
@@ -201,7 +202,7 @@ typedef struct PoolObject {
     size_t bytes_lost;      /* tails of areas closed by protect()/make_ro() */
     Py_ssize_t exports;     /* buffer views alive, any kind */
     Py_ssize_t wexports;    /* writable buffer views alive */
-    Py_ssize_t pins;        /* frozen containers and read-only exporters alive */
+    Py_ssize_t pins;        /* frozen container extents alive (see frozen.c) */
     PyObject *weakreflist;
     /* registry of live pools, for fork handling (fork.c) */
     struct PoolObject *reg_prev, *reg_next;
@@ -348,6 +349,7 @@ PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
+PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,

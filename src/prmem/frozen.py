@@ -31,7 +31,7 @@ _SLOT_FLOAT = struct.Struct("<IId")
 _INT64 = range(-(2 ** 63), 2 ** 63)
 
 _REBUILD = ("build a new version in a new pool and swap it in with "
-            "prmem.replace_pool()")
+            "prmem.replace_pool_with()")
 
 
 def _slot_for(value: Any) -> bytes:
