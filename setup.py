@@ -31,6 +31,8 @@ setup(
                 "csrc/seal.c",
                 "csrc/allocator.c",
                 "csrc/allocation.c",
+                "csrc/frozen.c",
+                "csrc/freeze.c",
                 "csrc/rare.c",
                 "csrc/fault.c",
                 "csrc/fork.c",

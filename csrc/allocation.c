@@ -232,6 +232,18 @@ Allocation_ass_subscript(AllocationObject *self, PyObject *key, PyObject *value)
         PyErr_Format(PyExc_ValueError,
                      "cannot resize a prmem allocation: slice has %zd bytes, data has %zd",
                      count, buf.len);
+    else if (step != 1 && count > 0) {
+        /* the source may be a view of this memory: a strided copy must read
+         * it all before writing (a contiguous one uses memmove) */
+        char *staged = PyMem_Malloc((size_t)count);
+        if (staged == NULL)
+            PyErr_NoMemory();
+        else {
+            memcpy(staged, buf.buf, (size_t)count);
+            rc = checked_store(self, start, step, count, staged);
+            PyMem_Free(staged);
+        }
+    }
     else
         rc = checked_store(self, start, step, count, buf.buf);
     PyBuffer_Release(&buf);
@@ -434,4 +446,97 @@ PRMEM_INTERNAL PyType_Spec prmem_allocation_spec = {
     .basicsize = sizeof(AllocationObject),
     .flags = Py_TPFLAGS_DEFAULT,
     .slots = Allocation_slots,
+};
+
+/* ------------------------------------------------- read-only exporter */
+
+/*
+ * _core.ReadOnlyBuffer(allocation): exports the allocation's memory as a
+ * read-only buffer whatever its state (for Pool.array(): a numpy view that
+ * is never writable, so it does not block protect()).  Each export counts
+ * as a buffer view: destroy() refuses while one lives.
+ */
+typedef struct {
+    PyObject_HEAD
+    AllocationObject *alloc;
+} ReadOnlyBufferObject;
+
+static PyObject *
+ReadOnlyBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *alloc;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "ReadOnlyBuffer() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:ReadOnlyBuffer", &alloc))
+        return NULL;
+    PyObject *module = PyType_GetModule(type);
+    if (module == NULL)
+        return NULL;
+    prmem_module_state *st = PyModule_GetState(module);
+    if (!Py_IS_TYPE(alloc, st->AllocationType)) {
+        PyErr_SetString(PyExc_TypeError, "ReadOnlyBuffer() takes a prmem.Allocation");
+        return NULL;
+    }
+    ReadOnlyBufferObject *self = (ReadOnlyBufferObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(alloc);
+    self->alloc = (AllocationObject *)alloc;
+    return (PyObject *)self;
+}
+
+static void
+ReadOnlyBuffer_dealloc(ReadOnlyBufferObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->alloc);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int
+ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
+{
+    AllocationObject *a = self->alloc;
+    if (flags & PyBUF_WRITABLE) {
+        PyErr_SetString(PyExc_BufferError, "this view of prmem memory is read-only");
+        return -1;
+    }
+    PoolObject *pool = lock_live(a, 0);
+    if (pool == NULL)
+        return -1;
+    pool->exports++;
+    POOL_UNLOCK(pool);
+    PyBuffer_FillInfo(view, (PyObject *)self, a->addr, (Py_ssize_t)a->size, 1, flags);
+    return 0;
+}
+
+static void
+ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
+{
+    (void)view;
+    PoolObject *pool = self->alloc->pool;
+    POOL_LOCK(pool);
+    pool->exports--;
+    POOL_UNLOCK(pool);
+}
+
+static PyType_Slot ReadOnlyBuffer_slots[] = {
+    {Py_tp_doc, "ReadOnlyBuffer(allocation): a read-only buffer of the allocation."},
+    {Py_tp_new, ReadOnlyBuffer_new},
+    {Py_tp_dealloc, ReadOnlyBuffer_dealloc},
+#if PY_VERSION_HEX >= 0x03090000
+    {Py_bf_getbuffer, ReadOnlyBuffer_getbuffer},
+    {Py_bf_releasebuffer, ReadOnlyBuffer_releasebuffer},
+#endif
+    {0, NULL},
+};
+
+PRMEM_INTERNAL PyType_Spec prmem_readonly_buffer_spec = {
+    .name = "prmem._core.ReadOnlyBuffer",
+    .basicsize = sizeof(ReadOnlyBufferObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = ReadOnlyBuffer_slots,
 };

@@ -80,6 +80,8 @@ prmem_sync_fault_registry(PoolObject *pool)
         if (ch->registered && ch->sealed && !ch->reported_sealed) {
             prmem_fault_sealed(ch->base, ch->size);
             ch->reported_sealed = 1;
+            if (ch->size == 0)
+                ch->registered = 0; /* fault.c dropped the range: nothing is mapped */
         }
     }
     if (pool->protect_event) {
@@ -449,6 +451,27 @@ Pool_calloc(PoolObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
     return pool_allocate(self, total, align_order, NULL, 0);
 }
 
+/* _alloc_init(data, align_order) -> Allocation holding a copy of the
+ * bytes-like data, written without a writable mapping where the memory is
+ * write-rare from the start (START_WR); for Pool.freeze() and Pool.array(). */
+static PyObject *
+Pool_alloc_init(PoolObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    int align_order;
+    if (!PyArg_ParseTuple(args, "y*i:_alloc_init", &buf, &align_order))
+        return NULL;
+    PyObject *result = NULL;
+    if (align_order < 0 || align_order > prmem_page_shift)
+        PyErr_SetString(PyExc_ValueError, "_alloc_init(): bad align_order");
+    else if (buf.len == 0)
+        PyErr_SetString(PyExc_ValueError, "_alloc_init(): no data");
+    else
+        result = pool_allocate(self, (size_t)buf.len, align_order, buf.buf, (size_t)buf.len);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyObject *
 Pool_strdup(PoolObject *self, PyObject *data)
 {
@@ -584,11 +607,12 @@ Pool_destroy(PoolObject *self, PyObject *unused)
                    "process", self->cname);
         goto fail;
     }
-    if (self->exports > 0) {
+    if (self->exports > 0 || self->pins > 0) {
         prmem_fail(&e, PyExc_BufferError,
-                   "cannot destroy pool '%.200s': %zd buffer view(s) of its memory "
-                   "are still alive; release them first",
-                   self->cname, self->exports);
+                   "cannot destroy pool '%.200s': %zd buffer view(s) and %zd frozen "
+                   "container(s) or array(s) of its memory are still alive; release them "
+                   "first (del them, or leave the `with memoryview(...)` block)",
+                   self->cname, self->exports, self->pins);
         goto fail;
     }
     forget_fault_ranges(self);
@@ -770,6 +794,8 @@ static PyMethodDef Pool_methods[] = {
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
     {"_stats", (PyCFunction)Pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_alloc_init", (PyCFunction)Pool_alloc_init, METH_VARARGS,
+     "_alloc_init(data, align_order) -> Allocation holding a copy of data."},
     {"_verify", (PyCFunction)Pool_verify, METH_NOARGS,
      "Findings of the mapping check behind Pool.verify()."},
     {"_finish_init", (PyCFunction)Pool_finish_init, METH_NOARGS,

@@ -96,6 +96,14 @@ prmem_set_oserror(const char *syscall_name, int err)
     return -1;
 }
 
+/* The message as str: names are cut at 200 bytes, maybe inside a UTF-8
+ * character, which becomes U+FFFD rather than a UnicodeDecodeError. */
+static PyObject *
+message(const prmem_error *e)
+{
+    return PyUnicode_DecodeUTF8(e->msg, (Py_ssize_t)strlen(e->msg), "replace");
+}
+
 /* Raise what was recorded under a lock; call only after unlocking. */
 PRMEM_INTERNAL void *
 prmem_raise(const prmem_error *e)
@@ -107,14 +115,18 @@ prmem_raise(const prmem_error *e)
     if (e->err != 0 && PyType_IsSubtype((PyTypeObject *)e->type,
                                         (PyTypeObject *)PyExc_OSError)) {
         /* type(errno, msg): OSError picks PermissionError for EACCES ... */
-        PyObject *args = Py_BuildValue("(is)", e->err, e->msg);
+        PyObject *args = Py_BuildValue("(iN)", e->err, message(e));
         if (args != NULL) {
             PyErr_SetObject(e->type, args);
             Py_DECREF(args);
         }
         return NULL;
     }
-    PyErr_SetString(e->type, e->msg);
+    PyObject *msg = message(e);
+    if (msg != NULL) {
+        PyErr_SetObject(e->type, msg);
+        Py_DECREF(msg);
+    }
     return NULL;
 }
 
@@ -267,6 +279,16 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
      * kernel limits them to 249 bytes. */
     char name[250];
     snprintf(name, sizeof(name), "prmem:%s", pool->cname);
+    /* cut on a UTF-8 character boundary, so /proc/PID/maps stays UTF-8 */
+    size_t end = strlen(name), lead = end;
+    while (lead > 0 && ((unsigned char)name[lead - 1] & 0xc0) == 0x80)
+        lead--;
+    if (lead > 0) {
+        unsigned char c = (unsigned char)name[lead - 1];
+        size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+        if (lead - 1 + need > end)
+            name[lead - 1] = '\0'; /* the last character was cut short */
+    }
 
     /* Without memfd_create() (Linux < 3.17, or filtered by seccomp) the
      * fallback is an unnamed tmpfs file: pwrite() and shared mappings work
@@ -601,6 +623,8 @@ prmem_for_each_data_range(int fd, off_t end, int (*fn)(void *, off_t, off_t), vo
     off_t off = 0;
     while (off < end) {
         off_t data = lseek(fd, off, SEEK_DATA);
+        if (data < 0 && errno != ENXIO)
+            return -1; /* not "no more data": the copy or zeroing failed */
         if (data < 0 || data >= end)
             break;
         off_t hole = lseek(fd, data, SEEK_HOLE);

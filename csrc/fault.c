@@ -272,7 +272,11 @@ set_default(int sig)
     sigaction(sig, &dfl, NULL);
 }
 
-static volatile sig_atomic_t in_handler;
+/* Per thread (two threads may fault at once), initial-exec so that reading
+ * it never allocates in the handler.  Cleared before the signal goes to a
+ * handler that is not prmem's: one that recovers with siglongjmp() must
+ * not leave it set, or every later SIGSEGV would kill the process. */
+static __thread volatile sig_atomic_t in_handler __attribute__((tls_model("initial-exec")));
 
 static int
 is_handler(const struct sigaction *a)
@@ -328,6 +332,7 @@ segv_handler(int sig, siginfo_t *info, void *context)
         hand_over(&previous_action, sig, info, context);
     }
     else {
+        in_handler = 0;
         hand_over(&passthrough_action, sig, info, context);
     }
     in_handler = 0;

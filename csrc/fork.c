@@ -89,7 +89,7 @@ anything_to_copy(void)
         if (!p->ready || p->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++)
-            if (!p->chunks[ci].sealed)
+            if (!p->chunks[ci].sealed && p->chunks[ci].fd >= 0)
                 return 1;
     }
     return 0;
@@ -276,6 +276,9 @@ child(void)
             prmem_chunk *ch = &p->chunks[ci];
             if (ch->sealed)
                 continue; /* immutable for both processes: sharing is safe */
+            if (ch->fd < 0)
+                continue; /* a snapshot from an earlier fork: anonymous private
+                           * memory, which fork() already copies */
             if (privatize_chunk(p, ci) < 0) {
                 /* The pool refuses changes from now on; its memory becomes
                  * a private snapshot, or, if not even anonymous memory can

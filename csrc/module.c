@@ -40,6 +40,11 @@ apply_disabled_features(void)
     if (env == NULL)
         return 0;
     char buf[256];
+    if (strlen(env) >= sizeof(buf)) {
+        PyErr_SetString(PyExc_ImportError,
+                        "PRMEM_DISABLE_FEATURES is too long (at most 255 characters)");
+        return -1;
+    }
     snprintf(buf, sizeof(buf), "%s", env);
     char *save = NULL;
     for (char *tok = strtok_r(buf, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
@@ -176,7 +181,9 @@ module_exec(PyObject *module)
         return -1;
 
     if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
-        add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0)
+        add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0 ||
+        add_type(module, &prmem_readonly_buffer_spec, &st->ReadOnlyBufferType,
+                 "ReadOnlyBuffer") < 0)
         return -1;
 
     st->PrmemError = new_exception(module, "prmem.PrmemError",
@@ -196,8 +203,15 @@ module_exec(PyObject *module)
         module, "prmem.UnsupportedError",
         "The running kernel lacks a feature this request needs.",
         PyTuple_Pack(2, st->PrmemError, PyExc_OSError));
+    st->CorruptionError = new_exception(
+        module, "prmem.CorruptionError",
+        "A structure read from pool memory (a frozen container) is inconsistent: "
+        "it was overwritten, or built by someone else. Nothing outside it was read.",
+        PyTuple_Pack(2, st->PrmemError, PyExc_ValueError));
     if (st->ProtectionError == NULL || st->PoolDestroyedError == NULL ||
-        st->UnsupportedError == NULL)
+        st->UnsupportedError == NULL || st->CorruptionError == NULL)
+        return -1;
+    if (prmem_fz_add_types(module, st) < 0)
         return -1;
 
     PyObject *enforced = PyBool_FromLong(prmem_enforce);
@@ -225,11 +239,20 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     prmem_module_state *st = get_state(module);
     Py_VISIT(st->PoolType);
     Py_VISIT(st->AllocationType);
+    Py_VISIT(st->ReadOnlyBufferType);
     Py_VISIT(st->PrmemError);
     Py_VISIT(st->ProtectionError);
     Py_VISIT(st->PoolDestroyedError);
     Py_VISIT(st->UnsupportedError);
     Py_VISIT(st->state_members);
+    Py_VISIT(st->CorruptionError);
+    Py_VISIT(st->ExtentType);
+    Py_VISIT(st->FrozenMapBase);
+    Py_VISIT(st->FrozenListBase);
+    Py_VISIT(st->FrozenIterType);
+    Py_VISIT(st->FrozenMapType);
+    Py_VISIT(st->FrozenListType);
+    Py_VISIT(st->MappingABC);
     return 0;
 }
 
@@ -239,11 +262,20 @@ module_clear(PyObject *module)
     prmem_module_state *st = get_state(module);
     Py_CLEAR(st->PoolType);
     Py_CLEAR(st->AllocationType);
+    Py_CLEAR(st->ReadOnlyBufferType);
     Py_CLEAR(st->PrmemError);
     Py_CLEAR(st->ProtectionError);
     Py_CLEAR(st->PoolDestroyedError);
     Py_CLEAR(st->UnsupportedError);
     Py_CLEAR(st->state_members);
+    Py_CLEAR(st->CorruptionError);
+    Py_CLEAR(st->ExtentType);
+    Py_CLEAR(st->FrozenMapBase);
+    Py_CLEAR(st->FrozenListBase);
+    Py_CLEAR(st->FrozenIterType);
+    Py_CLEAR(st->FrozenMapType);
+    Py_CLEAR(st->FrozenListType);
+    Py_CLEAR(st->MappingABC);
     return 0;
 }
 

@@ -197,6 +197,7 @@ typedef struct PoolObject {
     size_t bytes_lost;      /* tails of areas closed by protect()/make_ro() */
     Py_ssize_t exports;     /* buffer views alive, any kind */
     Py_ssize_t wexports;    /* writable buffer views alive */
+    Py_ssize_t pins;        /* frozen containers and read-only exporters alive */
     PyObject *weakreflist;
     /* registry of live pools, for fork handling (fork.c) */
     struct PoolObject *reg_prev, *reg_next;
@@ -217,11 +218,21 @@ typedef struct {
 struct prmem_module_state {
     PyTypeObject *PoolType;
     PyTypeObject *AllocationType;
+    PyTypeObject *ReadOnlyBufferType;
     PyObject *PrmemError;
     PyObject *ProtectionError;
     PyObject *PoolDestroyedError;
     PyObject *UnsupportedError;
+    PyObject *CorruptionError;
     PyObject *state_members;    /* tuple of prmem.State members, or NULL */
+    PyTypeObject *ExtentType;       /* pins an allocation holding a frozen structure */
+    PyTypeObject *FrozenMapBase;    /* the C types ... */
+    PyTypeObject *FrozenListBase;
+    PyTypeObject *FrozenIterType;
+    PyTypeObject *FrozenMapType;    /* ... and what handles are made of (the
+                                     * prmem.FrozenMap/FrozenList subclasses) */
+    PyTypeObject *FrozenListType;
+    PyObject *MappingABC;           /* collections.abc.Mapping */
 };
 
 /* Globals set once at module import. */
@@ -325,6 +336,7 @@ PRMEM_INTERNAL Py_ssize_t prmem_verify(PoolObject *pool, prmem_verify_finding *o
 /* allocator.c: the Pool and Allocation types. */
 PRMEM_INTERNAL extern PyType_Spec prmem_pool_spec;
 PRMEM_INTERNAL extern PyType_Spec prmem_allocation_spec;
+PRMEM_INTERNAL extern PyType_Spec prmem_readonly_buffer_spec;
 PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
@@ -364,5 +376,47 @@ PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *a
 PRMEM_INTERNAL int prmem_fork_init(void);
 PRMEM_INTERNAL void prmem_registry_add(PoolObject *pool);
 PRMEM_INTERNAL void prmem_registry_remove(PoolObject *pool);
+
+/*
+ * Frozen containers (frozen.c reads them, freeze.c writes them); the layout
+ * is documented in docs/frozen-layout.md.  Everything is little-endian and
+ * 8-byte aligned; offsets count from the first byte of the structure (its
+ * "extent", one allocation); nothing in it is a pointer or depends on the
+ * process.  Readers check every offset, length and count against the extent
+ * before use, and a child container must lie before its parent, so no
+ * structure, however corrupt, can make a reader loop or leave the extent.
+ */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "prmem's frozen container layout is little-endian"
+#endif
+#define PRMEM_FZ_MAGIC 0x00315a52464d5250ULL /* the bytes "PRMFRZ1\0" */
+#define PRMEM_FZ_HEADER 48                   /* magic, total, seed, reserved, root slot */
+#define PRMEM_FZ_SLOT 16
+#define PRMEM_FZ_ENTRY 40                    /* key slot, value slot, hash */
+#define PRMEM_FZ_MAX_INDEX 0xfffffffeULL     /* index cells are u32 */
+
+enum prmem_fz_tag {
+    PRMEM_FZ_NONE = 0,
+    PRMEM_FZ_FALSE = 1,
+    PRMEM_FZ_TRUE = 2,
+    PRMEM_FZ_INT = 3,    /* payload: int64 */
+    PRMEM_FZ_FLOAT = 4,  /* payload: IEEE double bits */
+    PRMEM_FZ_BIGINT = 5, /* payload: offset of a blob, two's complement */
+    PRMEM_FZ_STR = 6,    /* payload: offset of a blob, UTF-8 */
+    PRMEM_FZ_BYTES = 7,  /* payload: offset of a blob */
+    PRMEM_FZ_LIST = 8,   /* payload: offset of a list node */
+    PRMEM_FZ_MAP = 9,    /* payload: offset of a map node */
+    PRMEM_FZ_NTAGS = 10,
+};
+
+typedef struct {
+    uint32_t tag;
+    uint32_t aux; /* 0 */
+    uint64_t payload;
+} prmem_fz_slot;
+
+PRMEM_INTERNAL uint64_t prmem_fz_hash(uint64_t seed, uint32_t tag, const void *data, size_t n);
+PRMEM_INTERNAL int prmem_fz_add_types(PyObject *module, prmem_module_state *st);
+PRMEM_INTERNAL PyObject *prmem_fz_encode(PyObject *module, PyObject *obj);
 
 #endif /* PRMEM_H */

@@ -398,13 +398,11 @@ typedef struct {
     size_t max_out, nfound;
 } verify_scan;
 
-static PoolObject *sort_pool; /* qsort has no context argument; under the pool lock */
-
 static int
-by_start(const void *a, const void *b)
+by_start(const void *a, const void *b, void *pool)
 {
-    const prmem_area *x = &sort_pool->areas[*(const size_t *)a];
-    const prmem_area *y = &sort_pool->areas[*(const size_t *)b];
+    const prmem_area *areas = ((PoolObject *)pool)->areas;
+    const prmem_area *x = &areas[*(const size_t *)a], *y = &areas[*(const size_t *)b];
     return x->start < y->start ? -1 : x->start > y->start;
 }
 
@@ -483,8 +481,7 @@ prmem_verify(PoolObject *pool, prmem_verify_finding *out, size_t max_out, prmem_
     }
     for (size_t i = 0; i < pool->nareas; i++)
         s.order[i] = i;
-    sort_pool = pool;
-    qsort(s.order, pool->nareas, sizeof(size_t), by_start);
+    qsort_r(s.order, pool->nareas, sizeof(size_t), by_start, pool);
     int err = 0;
     Py_ssize_t rc = 0;
     if (for_each_mapping(verify_mapping, &s, &err) < 0)

@@ -535,3 +535,96 @@ def test_inspect_reports_nothing_for_untouched_pools(pool_factory):
         pool.protect()
         pool.alloc(5000)
     assert [a for a in anomalies(os.getpid()) if "inspect-clean" in a] == []
+
+
+# ------------------------------------------- found by the lock-rule audit
+
+def test_long_non_ascii_name_keeps_typed_errors(pool_factory):
+    # error messages cut the name at 200 bytes, maybe inside a character
+    pool = pool_factory(Mode.RO, name="€" * 100, refill=4096)
+    a = pool.alloc(16)
+    pool.destroy()
+    with pytest.raises(prmem.PoolDestroyedError):
+        a[0] = 1
+    from prmem.inspect import mappings
+    other = pool_factory(Mode.RO, name="x" + "€" * 100, refill=4096)
+    other.alloc(8)
+    assert any(m.pool.startswith("x€") for m in mappings(os.getpid()))
+
+
+def test_strided_store_from_an_overlapping_view(pool_factory):
+    pool = pool_factory(Mode.RO, name="strided", refill=4096)
+    a = pool.alloc(8)
+    a.write(b"12345678")
+    reference = bytearray(b"12345678")
+    reference[0:8:2] = memoryview(reference)[1:5]
+    with memoryview(a) as view:
+        a[0:8:2] = view[1:5]
+    assert bytes(a) == bytes(reference)
+
+
+SIGLONGJMP_NEIGHBOUR = r"""
+import faulthandler
+# a handler that is not prmem's and survives faults by siglongjmp()
+import subprocess, tempfile
+src = '''
+#include <setjmp.h>
+#include <signal.h>
+#include <string.h>
+static sigjmp_buf env;
+static void on_segv(int sig) { (void)sig; siglongjmp(env, 1); }
+int install(void) {
+    struct sigaction sa; memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_segv; sa.sa_flags = SA_NODEFER;
+    return sigaction(SIGSEGV, &sa, 0);
+}
+int probe(volatile char *p) {
+    if (sigsetjmp(env, 1)) return 1;
+    (void)*p;
+    return 0;
+}
+'''
+d = tempfile.mkdtemp()
+with open(d + "/probe.c", "w") as f:
+    f.write(src)
+subprocess.run(["cc", "-shared", "-fPIC", "-o", d + "/probe.so", d + "/probe.c"], check=True)
+lib = ctypes.CDLL(d + "/probe.so")
+lib.probe.argtypes = [ctypes.c_void_p]
+assert lib.install() == 0
+pool = Pool(Mode.RO, name="neighbour", refill=4096)   # prmem's handler goes on top
+a = pool.alloc(8)
+pool.protect()
+for _ in range(3):
+    assert lib.probe(16) == 1     # a fault outside prmem memory, recovered
+print("OK")
+"""
+
+
+def test_fault_handler_survives_a_neighbour_that_longjmps():
+    import shutil
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    result = run_child(SIGLONGJMP_NEIGHBOUR)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip().endswith("OK")
+
+
+FORK_TWICE = FORK_NO_FILES.split("pid = os.fork()")[0] + """
+pid = os.fork()
+if pid == 0:
+    for fd in hog:
+        os.close(fd)          # the snapshot child may have descriptors again
+    pid2 = os.fork()
+    if pid2 == 0:
+        os._exit(0 if bytes(w[:16]) == b"rare-before-fork" else 3)
+    _, status = os.waitpid(pid2, 0)
+    os._exit(os.WEXITSTATUS(status))
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+print("OK")
+"""
+
+
+def test_grandchild_of_a_snapshot_child_keeps_the_data():
+    result = run_child(FORK_TWICE)
+    assert result.returncode == 0, (result.returncode, result.stderr)

@@ -17,7 +17,14 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - Linux only
 
 from . import _core
 from ._core import fault_report
-from .errors import PoolDestroyedError, PrmemError, ProtectionError, UnsupportedError
+from .errors import (
+    CorruptionError,
+    PoolDestroyedError,
+    PrmemError,
+    ProtectionError,
+    UnsupportedError,
+)
+from .frozen import FrozenList, FrozenMap
 from .pool import (
     Allocation,
     Mode,
@@ -30,6 +37,7 @@ from .pool import (
     rare_memset,
     rare_write,
     replace_pool,
+    replace_pool_with,
     ro_after_init,
     wr_after_init,
 )
@@ -49,6 +57,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allocation",
+    "CorruptionError",
+    "FrozenList",
+    "FrozenMap",
     "Mode",
     "Pool",
     "PoolStats",
@@ -67,6 +78,7 @@ __all__ = [
     "rare_memset",
     "rare_write",
     "replace_pool",
+    "replace_pool_with",
     "ro_after_init",
     "wr_after_init",
 ]

@@ -12,6 +12,8 @@ catch:
 - ``PoolDestroyedError(PrmemError, ValueError)``: the pool was destroyed.
 - ``UnsupportedError(PrmemError, OSError)``: the kernel lacks a feature the
   request needs.
+- ``CorruptionError(PrmemError, ValueError)``: a structure read from pool
+  memory (a frozen container) is inconsistent; nothing outside it was read.
 
 Misuse that is not about protection raises the plain builtin: ``ValueError``
 for bad sizes or out-of-bounds writes, ``TypeError`` for wrong types,
@@ -20,6 +22,13 @@ when live buffer views block protect()/destroy().
 """
 from __future__ import annotations
 
-from ._core import PoolDestroyedError, PrmemError, ProtectionError, UnsupportedError
+from ._core import (
+    CorruptionError,
+    PoolDestroyedError,
+    PrmemError,
+    ProtectionError,
+    UnsupportedError,
+)
 
-__all__ = ["PrmemError", "ProtectionError", "PoolDestroyedError", "UnsupportedError"]
+__all__ = ["PrmemError", "ProtectionError", "PoolDestroyedError", "UnsupportedError",
+           "CorruptionError"]

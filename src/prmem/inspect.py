@@ -64,7 +64,7 @@ class Mapping:
 
 def _smaps(pid: int) -> Iterator[tuple]:
     header = None
-    with open(f"/proc/{pid}/smaps") as f:
+    with open(f"/proc/{pid}/smaps", errors="replace") as f:
         for line in f:
             first = line.split(maxsplit=1)[0]
             if "-" in first and not first.endswith(":"):
@@ -97,7 +97,7 @@ def mappings(pid: int) -> List[Mapping]:
 def _all_ranges(pid: int) -> List[tuple]:
     """(start, end, description) of every mapping of process ``pid``."""
     ranges = []
-    with open(f"/proc/{pid}/maps") as f:
+    with open(f"/proc/{pid}/maps", errors="replace") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             start, end = (int(x, 16) for x in fields[0].split("-"))

@@ -12,7 +12,7 @@ import enum
 import struct
 import sys
 import threading
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from . import _core
 from .errors import PrmemError, ProtectionError
@@ -30,6 +30,7 @@ __all__ = [
     "rare_memset",
     "rare_write",
     "replace_pool",
+    "replace_pool_with",
     "ro_after_init",
     "wr_after_init",
 ]
@@ -277,6 +278,34 @@ class Pool(_core.Pool):
             f"prmem pool {self.name!r} is not protected as its state says: {details}{more}. "
             "Code in this process changed its mappings; do not trust data read from it")
 
+    def freeze(self, obj: Any) -> Any:
+        """Copy a Mapping (-> :class:`prmem.FrozenMap`) or a list or tuple
+        (-> :class:`prmem.FrozenList`), with everything nested in it, into
+        this pool, and return a read-only handle on the copy.
+
+        Supported values: None, bool, int, float, str, bytes, lists, tuples
+        and Mappings of them, nested to any depth; keys: str, bytes, int.
+        Anything else raises TypeError naming where it is (``value at
+        ['alice']['nets'][2] is a set``), a cycle ValueError; nothing is
+        allocated then.  The copy is one allocation, so ``protect()``
+        protects all of it.  While a handle is alive the pool cannot be
+        destroyed (BufferError).
+        """
+        from .frozen import freeze
+        return freeze(self, obj)
+
+    def array(self, data: Any = None, dtype: Any = None, *, shape: Any = None,
+              fill: Any = 0) -> Any:
+        """Copy a numpy array-like into this pool and return a read-only
+        ``numpy.ndarray`` view of the copy (``writeable`` is False, and it
+        does not block ``protect()``); or, with ``shape=`` (and ``dtype=``,
+        ``fill=``), allocate one filled with ``fill``.  Needs numpy
+        (``pip install 'prmem[numpy]'``).  While the array is alive the pool
+        cannot be destroyed (BufferError).
+        """
+        from .frozen import array
+        return array(self, data, dtype, shape=shape, fill=fill)
+
     def rare_write_session(self) -> RareWriteSession:
         """Return a context manager batching rare writes to this pool.
 
@@ -497,19 +526,35 @@ def replace_pool(
     name: str = "pool",
     refill: int = 65536,
 ) -> Pool:
+    """See :func:`replace_pool_with`, which also returns what ``build``
+    returned; this returns the new pool only."""
+    return replace_pool_with(ref, build, mode=mode, name=name, refill=refill)[0]
+
+
+def replace_pool_with(
+    ref: ProtectedRef,
+    build: Callable[[Pool], Any],
+    *,
+    mode: Union[Mode, int, str] = Mode.RO,
+    name: str = "pool",
+    refill: int = 65536,
+) -> Tuple[Pool, Any]:
     """The policy-database update sequence (seed 002), in one call.
 
     Build a new version in a fresh pool with ``build(pool)``, protect it,
     point ``ref`` at it with one rare write, then destroy the pool ``ref``
     pointed to before (if it was a Pool).  If ``build`` or ``protect()``
     fails, the new pool is destroyed and the old one keeps serving.  Returns
-    the new pool.  Readers must not keep allocations of the old pool past
-    the swap; serialise them with your own lock if they may.
+    ``(new pool, what build returned)`` — typically the new version's
+    FrozenMap.  Readers must not keep handles or allocations of the old pool
+    past the swap; serialise them with your own lock if they may (while one
+    is alive the old pool cannot be destroyed, and this raises BufferError
+    after the swap).
     """
     old = ref.get()  # a tampered reference is refused before any work
     new = Pool(mode, name=name, refill=refill)
     try:
-        build(new)
+        built = build(new)
         new.protect()
     except BaseException:
         try:
@@ -525,4 +570,4 @@ def replace_pool(
             raise BufferError(f"replace_pool: the reference now points at the new pool, "
                               f"but the old pool {old.name!r} could not be destroyed: {e}"
                               ) from e
-    return new
+    return new, built

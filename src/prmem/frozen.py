@@ -1,0 +1,185 @@
+"""Protected Python data: frozen maps and lists, and arrays, in pool memory.
+
+``pool.freeze(obj)`` copies a Mapping or a list/tuple, with everything nested
+in it, into one allocation of the pool, in a layout that C reads directly
+(docs/frozen-layout.md); the returned :class:`FrozenMap` / :class:`FrozenList`
+is only a handle.  Once the pool is protected, nothing that decides a
+lookup's answer is in ordinary writable memory: keys, values, the hash index
+and every nested container are in the protected pages, and every access
+builds fresh Python objects from them.
+
+``pool.array(...)`` does the same for numpy arrays: the data lives in the
+pool, and the returned ndarray is a read-only view of it.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+from typing import Any, Optional, Tuple, Union
+
+from . import _core
+
+__all__ = ["FrozenList", "FrozenMap"]
+
+# Value tags of the layout (enum prmem_fz_tag in csrc/prmem.h) that rare_set
+# can replace in place: one 16-byte slot, no blob.
+_NONE, _FALSE, _TRUE, _INT, _FLOAT = range(5)
+_IN_PLACE = frozenset((_NONE, _FALSE, _TRUE, _INT, _FLOAT))
+_TAG_NAMES = {5: "a big int", 6: "a str", 7: "bytes", 8: "a list", 9: "a mapping"}
+_SLOT_INT = struct.Struct("<IIq")
+_SLOT_FLOAT = struct.Struct("<IId")
+_INT64 = range(-(2 ** 63), 2 ** 63)
+
+_REBUILD = ("build a new version in a new pool and swap it in with "
+            "prmem.replace_pool()")
+
+
+def _slot_for(value: Any) -> bytes:
+    """The 16-byte slot that stores ``value`` in place, or TypeError."""
+    if value is None:
+        return _SLOT_INT.pack(_NONE, 0, 0)
+    if value is True or value is False:
+        return _SLOT_INT.pack(_TRUE if value else _FALSE, 0, 0)
+    if isinstance(value, int):
+        if value not in _INT64:
+            raise TypeError(f"rare_set(): {value} does not fit in a 64-bit slot; {_REBUILD}")
+        return _SLOT_INT.pack(_INT, 0, int(value))
+    if isinstance(value, float):
+        return _SLOT_FLOAT.pack(_FLOAT, 0, float(value))
+    raise TypeError(f"rare_set() changes None, bool, int or float values in place, not "
+                    f"{type(value).__name__}; {_REBUILD}")
+
+
+def _rare_set(handle: Union[FrozenMap, FrozenList], where: Any, value: Any) -> None:
+    slot = _slot_for(value)
+    offset, tag = handle._value_slot(where)
+    if tag not in _IN_PLACE:
+        raise TypeError(f"rare_set(): the value at {where!r} is "
+                        f"{_TAG_NAMES.get(tag, 'not a number')}, which cannot change in "
+                        f"place; {_REBUILD}")
+    # prmem's write-rare path: never a writable mapping; ProtectionError on
+    # READ_ONLY memory and in RO/AUTO_RO pools
+    _core.rare_write(handle._allocation, slot, offset)
+
+
+class _FrozenItems(ItemsView):  # type: ignore[type-arg]
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Tuple[Any, Any]]:
+        return self._mapping._iter_items()  # type: ignore[attr-defined, no-any-return]
+
+
+class _FrozenValues(ValuesView):  # type: ignore[type-arg]
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._mapping._iter_values()  # type: ignore[attr-defined, no-any-return]
+
+
+class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
+    """A read-only mapping whose keys, values and index live in pool memory.
+
+    Made by :meth:`Pool.freeze`.  Behaves as a ``dict`` for reading: ``m[k]``
+    (``KeyError`` if missing; ``True`` and ``1.0`` find ``1``), ``get``,
+    ``in``, ``len``, iteration in insertion order, ``keys()``, ``values()``,
+    ``items()``, ``==`` with any Mapping of equal content.  Values come back
+    as new objects at each access; nested mappings and lists as new
+    :class:`FrozenMap` / :class:`FrozenList` handles.  Assignment and
+    deletion raise ``TypeError``; :meth:`rare_set` changes a number in place
+    in write-rare pools.  ``thaw()`` returns a plain ``dict``.
+    """
+
+    __slots__ = ()
+
+    def items(self) -> ItemsView:  # type: ignore[type-arg]
+        return _FrozenItems(self)
+
+    def values(self) -> ValuesView:  # type: ignore[type-arg]
+        return _FrozenValues(self)
+
+    def rare_set(self, key: Any, value: Any) -> None:
+        """Replace the None/bool/int/float value of ``key`` with ``value``
+        through prmem's rare-write path (write-rare pools; ``ProtectionError``
+        on READ_ONLY memory).  Other kinds of value cannot change in place:
+        ``TypeError`` (build a new version with ``replace_pool``)."""
+        _rare_set(self, key, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        for key, value in self.items():
+            try:
+                if other[key] != value:
+                    return False
+            except KeyError:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"prmem.FrozenMap({self.thaw()!r})"
+
+
+class FrozenList(_core.FrozenList, Sequence):  # type: ignore[misc, type-arg]
+    """A read-only sequence whose items live in pool memory.
+
+    Made by :meth:`Pool.freeze` from a list or tuple.  Indexing (negative
+    too), slicing (returns a plain list), ``len``, iteration, ``in``,
+    ``index``, ``count``, ``==`` with a list or tuple of equal items.
+    ``thaw()`` returns a plain ``list``; :meth:`rare_set` changes a number in
+    place in write-rare pools.
+    """
+
+    __slots__ = ()
+
+    def rare_set(self, index: int, value: Any) -> None:
+        """Replace the None/bool/int/float item at ``index`` with ``value``
+        (see :meth:`FrozenMap.rare_set`)."""
+        _rare_set(self, index, value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, FrozenList)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"prmem.FrozenList({self.thaw()!r})"
+
+
+_core._set_frozen_types(FrozenMap, FrozenList)
+
+
+def freeze(pool: Any, obj: Any) -> Union[FrozenMap, FrozenList]:
+    """Copy ``obj`` into ``pool`` and return a handle (see Pool.freeze)."""
+    data = _core.freeze_encode(obj)  # TypeError/ValueError before any allocation
+    allocation = pool._alloc_init(data, 3)
+    return _core.open_frozen(allocation)  # type: ignore[no-any-return]
+
+
+def array(pool: Any, data: Any = None, dtype: Any = None, *,
+          shape: Optional[Union[int, Tuple[int, ...]]] = None, fill: Any = 0) -> Any:
+    """Copy a numpy array-like into ``pool`` (see Pool.array)."""
+    try:
+        import numpy
+    except ImportError:
+        raise ImportError("Pool.array() needs numpy: pip install 'prmem[numpy]'") from None
+    if data is None:
+        if shape is None:
+            raise TypeError("Pool.array() needs data, or shape= (and dtype=, fill=)")
+        source = numpy.full(shape, fill, dtype=dtype)
+    elif shape is not None:
+        raise TypeError("Pool.array() takes data or shape=, not both")
+    else:
+        source = numpy.ascontiguousarray(data, dtype=dtype)
+    raw = source.tobytes()
+    if not raw:
+        raise ValueError("Pool.array(): an empty array has no memory to protect")
+    # 64-byte alignment: what numpy and SIMD loops like
+    allocation = pool._alloc_init(raw, 6)
+    view = numpy.frombuffer(_core.ReadOnlyBuffer(allocation), dtype=source.dtype)
+    return view.reshape(source.shape)
