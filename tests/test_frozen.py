@@ -784,6 +784,74 @@ def test_failure_late_in_a_large_structure_leaves_nothing_allocated(pool_factory
     assert pool.freeze([1]) == [1]
 
 
+MUTATING_DURING_FREEZE = r"""
+from collections.abc import Mapping
+pool = Pool(Mode.RO, name="mutating")
+guard = pool.alloc(64)
+guard.write(b"\xa5" * 64)
+
+class Hook(Mapping):
+    # runs `action` (user code) at each __getitem__
+    def __init__(self, action):
+        self.action = action
+    def __getitem__(self, key):
+        self.action()
+        return "v" * 50
+    def __iter__(self):
+        return iter(["k1", "k2"])
+    def __len__(self):
+        return 2
+
+cases = {}
+outer = []
+outer.extend([Hook(outer.clear)] + ["s%d" % i * 40 for i in range(500)])
+cases["clears the list being frozen"] = outer
+parent = {}
+parent["a"] = Hook(lambda: parent.update({"n%d" % i: "x" * 64 for i in range(len(parent), len(parent) + 500)}))
+parent["b"] = "y"
+cases["grows the dict being frozen"] = parent
+shrink = {"k%d" % i: i for i in range(200)}
+shrink["hook"] = Hook(shrink.clear)
+shrink.update({"z%d" % i: "tail" * 30 for i in range(200)})
+cases["empties the dict being frozen"] = shrink
+sibling = ["x" * 100 for _ in range(300)]
+cases["empties a sibling list"] = {"hook": Hook(sibling.clear), "sibling": sibling}
+swap = {"s": "short"}
+cases["replaces a sibling str"] = [Hook(lambda: swap.__setitem__("s", "long" * 5000)), swap]
+class Liar(Mapping):
+    def __getitem__(self, key):
+        return key
+    def __iter__(self):
+        return iter(range(50))
+    def __len__(self):
+        return 2
+cases["len() smaller than iteration"] = {"liar": Liar()}
+for name, data in cases.items():
+    try:
+        m = pool.freeze(data)
+    except Exception as e:
+        print("raised", type(e).__name__, "|", name)
+        continue
+    t = m.thaw()
+    assert m == t and t == m, name
+    assert len(m) == len(t), name
+    del m, t
+    print("froze |", name)
+assert bytes(guard) == b"\xa5" * 64
+print("OK")
+"""
+
+
+def test_containers_changed_by_user_code_during_freeze():
+    """Mappings run user code (__getitem__, __iter__, __len__) while freeze()
+    walks the data; whatever that code changes, freeze() must not crash or
+    write outside the pool memory it took: it raises, or freezes a
+    structure that is consistent in itself."""
+    proc = run_child(MUTATING_DURING_FREEZE)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
+    assert proc.stdout.splitlines()[-1] == "OK"
+
+
 def test_freeze_after_destroy(pool_factory):
     pool = pool_factory(Mode.RO, name=unique())
     pool.destroy()
