@@ -1620,3 +1620,54 @@ def test_native_write_into_protected_array_faults(mode):
     assert proc.returncode == -signal.SIGSEGV, (proc.stdout, proc.stderr)
     assert proc.stdout.split() == ["500"]
     assert "pool: 'frozen-array'" in proc.stderr
+
+
+# ============================================ replace_pool that returns build()
+# The spec asks for "a variant of replace_pool that also returns what
+# build(pool) returned"; it is called replace_pool_with.
+
+
+def test_replace_pool_with_returns_the_new_table():
+    old = prmem.Pool(Mode.RO, name=unique("v1"))
+    table = old.freeze({"version": 1})
+    old.protect()
+    ref = prmem.ProtectedRef(old)
+    del table
+    new, table = prmem.replace_pool_with(ref, lambda p: p.freeze({"version": 2, "l": [1]}),
+                                         name=unique("v2"))
+    assert ref.get() is new
+    assert old.destroyed
+    assert type(table) is FrozenMap and table == {"version": 2, "l": [1]}
+    assert perms_at(table.address) == "r--s"        # protected before the swap
+    with pytest.raises(BufferError):
+        new.destroy()                                # the returned table pins it
+    del table
+    new.destroy()
+
+
+def test_replace_pool_with_write_rare_table():
+    ref = prmem.ProtectedRef(None)
+    new, table = prmem.replace_pool_with(ref, lambda p: p.freeze({"limit": 5}), mode=Mode.WR,
+                                         name=unique("wr"))
+    table.rare_set("limit", 6)
+    assert table["limit"] == 6 and perms_at(table.address) == "r--s"
+    del table
+    new.destroy()
+
+
+def test_replace_pool_with_failed_build_keeps_the_old_version():
+    old = prmem.Pool(Mode.RO, name=unique("v1"))
+    table = old.freeze({"version": 1})
+    old.protect()
+    ref = prmem.ProtectedRef(old)
+
+    def build(pool):
+        pool.freeze({"version": 2})
+        pool.freeze({"bad": {1, 2}})
+
+    with pytest.raises(TypeError):
+        prmem.replace_pool_with(ref, build, name=unique("v2"))
+    assert ref.get() is old and not old.destroyed
+    assert table == {"version": 1}
+    del table
+    old.destroy()
