@@ -277,7 +277,7 @@ top_any = st.one_of(
 )
 
 PROPERTY_SETTINGS = settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -296,7 +296,7 @@ def test_freeze_round_trips(data, mode, protect):
     pool.destroy()  # nothing the checks made still pins the pool
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=top_maps, probes=st.lists(keys, max_size=10))
 def test_lookups_agree_with_dict(data, probes):
     pool = prmem.Pool(Mode.RO, name="frozen-keys", refill=4096)
@@ -312,7 +312,7 @@ def test_lookups_agree_with_dict(data, probes):
             assert h.get(key, "d") == "d"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=st.lists(values, max_size=12),
        slices=st.lists(st.tuples(st.none() | st.integers(-15, 15),
                                  st.none() | st.integers(-15, 15),
@@ -339,7 +339,7 @@ def test_frozen_list_agrees_with_list(items, slices, as_tuple):
                 h[i]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=top_any)
 def test_refreezing_thawed_data_copies_it(data):
     pool = prmem.Pool(Mode.RO, name="frozen-a", refill=4096)

@@ -430,7 +430,7 @@ for name, op in [("len", len), ("thaw", lambda h: h.thaw()), ("repr", repr),
                  ("==", lambda h: h == h), ("== thawed", lambda h: h == {empty}),
                  ("walk", lambda h: h[{first}][{first}][{first}])]:
     print(name, flush=True)
-    signal.alarm(5)
+    signal.alarm(2)   # a correct reader takes milliseconds
     try:
         op(m)
     except prmem.CorruptionError:
@@ -488,7 +488,7 @@ print("checked", m.nbytes, len(failures))
 
 EXHAUSTIVE_DATA = [
     {"alice": {"role": "admin", "quota": 10, "nets": ["10.0.0.0/8"]}, b"k": [None, True, 1.5]},
-    [[1, [2, [3]]], {"x": {"y": {}}}, "é漢字", 2**70, b"\x00\xff"],
+    [[1, [2]], {"x": {"y": {}}}, "é字", 2**70],
 ]
 
 
