@@ -85,6 +85,21 @@ put_blob(encoder *enc, const void *data, size_t n, uint64_t *off)
     return 0;
 }
 
+/* A str or bytes value: inline in the slot when short, else a blob. */
+static int
+put_string(encoder *enc, uint32_t tag, const char *data, size_t n, prmem_fz_slot *slot)
+{
+    slot->tag = tag;
+    if (n <= PRMEM_FZ_INLINE_MAX) {
+        unsigned char *raw = (unsigned char *)slot;
+        raw[4] = (unsigned char)(n + 1);
+        if (n > 0)
+            memcpy(raw + 5, data, n);
+        return 0;
+    }
+    return put_blob(enc, data, n, &slot->payload);
+}
+
 /* Record a data error (unsupported type, cycle, ...) to be reported with
  * its path at the top. */
 static int
@@ -185,16 +200,14 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
             return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 1);
         }
         n = (size_t)len;
-        if (put_blob(enc, data, n, &slot->payload) < 0)
+        if (put_string(enc, PRMEM_FZ_STR, data, n, slot) < 0)
             return -1;
-        slot->tag = PRMEM_FZ_STR;
     }
     else if (PyBytes_Check(key)) {
         data = PyBytes_AS_STRING(key);
         n = (size_t)PyBytes_GET_SIZE(key);
-        if (put_blob(enc, data, n, &slot->payload) < 0)
+        if (put_string(enc, PRMEM_FZ_BYTES, data, n, slot) < 0)
             return -1;
-        slot->tag = PRMEM_FZ_BYTES;
     }
     else if (PyLong_Check(key)) {
         if (encode_int(enc, key, slot, &data, &n, &keep) < 0)
@@ -291,6 +304,18 @@ typedef struct {
     uint64_t hash;
 } fz_entry;
 
+static const char *
+key_bytes(encoder *enc, const prmem_fz_slot *slot, uint64_t *len)
+{
+    const unsigned char *raw = (const unsigned char *)slot;
+    if (raw[4] != 0) {
+        *len = raw[4] - 1u;
+        return (const char *)raw + 5;
+    }
+    memcpy(len, enc->buf + slot->payload, 8);
+    return enc->buf + slot->payload + 8;
+}
+
 static int
 keys_equal(encoder *enc, const prmem_fz_slot *a, const prmem_fz_slot *b)
 {
@@ -299,9 +324,8 @@ keys_equal(encoder *enc, const prmem_fz_slot *a, const prmem_fz_slot *b)
     if (a->tag == PRMEM_FZ_INT)
         return a->payload == b->payload;
     uint64_t la, lb;
-    memcpy(&la, enc->buf + a->payload, 8);
-    memcpy(&lb, enc->buf + b->payload, 8);
-    return la == lb && memcmp(enc->buf + a->payload + 8, enc->buf + b->payload + 8, la) == 0;
+    const char *da = key_bytes(enc, a, &la), *db = key_bytes(enc, b, &lb);
+    return la == lb && memcmp(da, db, la) == 0;
 }
 
 /* items: a list of (key, value) pairs */
@@ -411,13 +435,11 @@ encode_value(encoder *enc, PyObject *obj, prmem_fz_slot *out)
             PyErr_Clear();
             return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 0);
         }
-        out->tag = PRMEM_FZ_STR;
-        return put_blob(enc, data, (size_t)len, &out->payload);
+        return put_string(enc, PRMEM_FZ_STR, data, (size_t)len, out);
     }
     if (PyBytes_Check(obj)) {
-        out->tag = PRMEM_FZ_BYTES;
-        return put_blob(enc, PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj),
-                        &out->payload);
+        return put_string(enc, PRMEM_FZ_BYTES, PyBytes_AS_STRING(obj),
+                          (size_t)PyBytes_GET_SIZE(obj), out);
     }
     if (PyList_Check(obj) || PyTuple_Check(obj)) {
         if (enter_container(enc, obj) < 0)

@@ -24,44 +24,63 @@
 
 /* ------------------------------------------------------------ hashing */
 
-#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                                    \
-    do {                                                                            \
-        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                   \
-        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                      \
-        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                      \
-        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                   \
-    } while (0)
+static inline uint64_t
+fold_mul(uint64_t a, uint64_t b)
+{
+    __uint128_t r = (__uint128_t)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
 
-/* SipHash-1-3 keyed by the structure's seed and the key's tag, so equal
+static inline uint64_t
+load32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/*
+ * The keys' hash: 64-bit multiply-fold mixing of 16-byte blocks, keyed by
+ * the structure's seed (random per structure) and the key's tag, so equal
  * bytes of different key types (the str "a", the bytes b"a") differ and the
- * same key hashes the same in every process. */
+ * same key hashes the same in every process.  It reads exactly n bytes.
+ * Only table placement depends on it: readers compare the stored hash and
+ * then the key itself, so a weak hash costs speed, never correctness.
+ */
 PRMEM_INTERNAL uint64_t
 prmem_fz_hash(uint64_t seed, uint32_t tag, const void *data, size_t n)
 {
-    uint64_t k0 = seed, k1 = seed ^ ((uint64_t)tag * 0x9e3779b97f4a7c15ULL);
-    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
-    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
-    const unsigned char *m = data;
-    uint64_t b = ((uint64_t)n) << 56;
-    size_t full = n & ~(size_t)7;
-    for (size_t i = 0; i < full; i += 8) {
-        uint64_t mi;
-        memcpy(&mi, m + i, 8);
-        v3 ^= mi;
-        SIPROUND;
-        v0 ^= mi;
+    static const uint64_t K0 = 0xa0761d6478bd642fULL, K1 = 0xe7037ed1a0b428dbULL,
+                          K2 = 0x8ebc6af09c88c6e3ULL, K3 = 0x589965cc75374cc3ULL;
+    const unsigned char *p = data;
+    uint64_t h = fold_mul(seed ^ K0, ((uint64_t)tag << 32 | (uint64_t)(uint32_t)n) ^ K1);
+    uint64_t a, b;
+    size_t left = n;
+    while (left > 16) {
+        memcpy(&a, p, 8);
+        memcpy(&b, p + 8, 8);
+        h = fold_mul(a ^ K2 ^ h, b ^ K3 ^ seed);
+        p += 16;
+        left -= 16;
     }
-    for (size_t i = 0; i < (n & 7); i++)
-        b |= (uint64_t)m[full + i] << (8 * i);
-    v3 ^= b;
-    SIPROUND;
-    v0 ^= b;
-    v2 ^= 0xff;
-    SIPROUND;
-    SIPROUND;
-    SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
+    /* the last 1..16 bytes as two words; the reads overlap rather than
+     * pass the end (the length is already mixed in) */
+    if (left >= 8) {
+        memcpy(&a, p, 8);
+        memcpy(&b, p + left - 8, 8);
+    }
+    else if (left >= 4) {
+        a = load32(p);
+        b = load32(p + left - 4);
+    }
+    else if (left > 0) {
+        a = (uint64_t)p[0] << 16 | (uint64_t)p[left >> 1] << 8 | p[left - 1];
+        b = 0;
+    }
+    else
+        a = b = 0;
+    h = fold_mul(a ^ K1 ^ h, b ^ K2 ^ seed);
+    return fold_mul(h ^ K3, h ^ K0 ^ (uint64_t)n);
 }
 
 /* ------------------------------------------------------------- extent */
@@ -213,6 +232,21 @@ blob(const ExtentObject *x, uint64_t off, uint64_t *len)
 
 static PyObject *handle_new(ExtentObject *x, int tag, uint64_t node);
 
+/* The bytes of a str/bytes/big int slot: inline in the slot (data then
+ * points into *slot, a local copy) or in a blob, checked. */
+static const char *
+slot_bytes(const ExtentObject *x, const prmem_fz_slot *slot, uint64_t *len)
+{
+    const unsigned char *raw = (const unsigned char *)slot;
+    if (raw[4] != 0) {
+        if (raw[4] - 1 > PRMEM_FZ_INLINE_MAX)
+            return corrupt(x, "inline string too long", 0);
+        *len = (uint64_t)(raw[4] - 1);
+        return (const char *)raw + 5;
+    }
+    return blob(x, slot->payload, len);
+}
+
 /* A Python object for a slot read from the node at `parent`. */
 static PyObject *
 materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
@@ -233,7 +267,7 @@ materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
         memcpy(&d, &p, 8);
         return PyFloat_FromDouble(d);
     case PRMEM_FZ_STR:
-        if ((data = blob(x, p, &len)) == NULL)
+        if ((data = slot_bytes(x, slot, &len)) == NULL)
             return NULL;
         {
             PyObject *s = PyUnicode_DecodeUTF8(data, (Py_ssize_t)len, "strict");
@@ -244,7 +278,7 @@ materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
             return s;
         }
     case PRMEM_FZ_BYTES:
-        if ((data = blob(x, p, &len)) == NULL)
+        if ((data = slot_bytes(x, slot, &len)) == NULL)
             return NULL;
         return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
     case PRMEM_FZ_BIGINT: {
@@ -292,6 +326,12 @@ prep_key(PyObject *key, lookup_key *k)
     k->keep = NULL;
     if (PyUnicode_Check(key)) {
         Py_ssize_t n;
+        if (PyUnicode_IS_COMPACT_ASCII(key)) { /* its data is its UTF-8 */
+            k->tag = PRMEM_FZ_STR;
+            k->data = (const char *)PyUnicode_DATA(key);
+            k->n = (size_t)PyUnicode_GET_LENGTH(key);
+            return 1;
+        }
         k->data = PyUnicode_AsUTF8AndSize(key, &n);
         if (k->data == NULL) {
             PyErr_Clear(); /* unencodable: could not have been frozen */
@@ -359,6 +399,18 @@ prep_key(PyObject *key, lookup_key *k)
     return 1;
 }
 
+/* memcmp() == 0, without a library call for the short keys that dominate */
+static inline int
+same_bytes(const char *a, const char *b, size_t n)
+{
+    if (n > 16)
+        return memcmp(a, b, n) == 0;
+    for (size_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return 0;
+    return 1;
+}
+
 /*
  * Find `key` in the map node of `h`.  Returns 1 and the value slot (and
  * its offset) if present, 0 if absent, -1 on error.
@@ -403,12 +455,12 @@ map_find(FrozenObject *h, PyObject *key, prmem_fz_slot *value, uint64_t *value_o
         }
         else {
             uint64_t len;
-            const char *data = blob(x, ks.payload, &len);
+            const char *data = slot_bytes(x, &ks, &len);
             if (data == NULL) {
                 rc = -1;
                 break;
             }
-            if (len != k.n || memcmp(data, k.data, k.n) != 0)
+            if (len != k.n || !same_bytes(data, k.data, k.n))
                 continue;
         }
         load_slot(x, e + PRMEM_FZ_SLOT, value);

@@ -409,9 +409,14 @@ enum prmem_fz_tag {
     PRMEM_FZ_NTAGS = 10,
 };
 
+/* A str, bytes of at most PRMEM_FZ_INLINE_MAX bytes is stored in its slot:
+ * byte 4 holds its length + 1, bytes 5..15 the data (a key compares
+ * without touching another cache line).  Otherwise byte 4 is 0 and the
+ * payload is the offset of a blob: u64 length, then the bytes. */
+#define PRMEM_FZ_INLINE_MAX 11
 typedef struct {
     uint32_t tag;
-    uint32_t aux; /* 0 */
+    uint32_t aux; /* byte 4: inline length + 1, or 0; the rest inline data */
     uint64_t payload;
 } prmem_fz_slot;
 
