@@ -1125,7 +1125,7 @@ def test_rare_set_mapping_never_writable_while_it_runs(pool_factory):
     thread.start()
     seen = set()
     try:
-        for _ in range(200):
+        for _ in range(100):
             for start, end, perms in maps_entries(name):
                 if start <= m.address < end:
                     seen.add(perms)
