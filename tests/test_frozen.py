@@ -1070,6 +1070,15 @@ def test_rare_set_missing_key_and_index(pool_factory, state):
     assert_same(m.thaw(), plain(SCALAR_DATA))
 
 
+def test_rare_set_finds_keys_as_lookups_do(pool_factory):
+    pool, m = _frozen_in_state(pool_factory, Mode.WR, "protected",
+                               data={1: 0, 2**61: None, "k": 0.5, "l": [1, 2]})
+    m.rare_set(True, 10)                 # True == 1, as for m[True]
+    m.rare_set(float(2**61), 11)
+    m["l"].rare_set(True, 12)            # a bool index is an int index
+    assert_same(m.thaw(), {1: 10, 2**61: 11, "k": 0.5, "l": [1, 12]})
+
+
 def test_rare_set_on_read_only_modes_refused_before_protect(pool_factory):
     for mode in RO_MODES:
         pool = pool_factory(mode, name=unique())
