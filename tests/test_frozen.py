@@ -1079,6 +1079,27 @@ def test_rare_set_finds_keys_as_lookups_do(pool_factory):
     assert_same(m.thaw(), {1: 10, 2**61: 11, "k": 0.5, "l": [1, 12]})
 
 
+@pytest.mark.parametrize("options", [{"seal": True}, {"secret": True},
+                                     {"secret": True, "seal": True}], ids=str)
+@pytest.mark.parametrize("mode", [Mode.RO, Mode.WR, Mode.START_WR], ids=str)
+def test_frozen_in_sealed_and_secret_pools(pool_factory, mode, options):
+    if options.get("secret") and "memfd_secret" not in prmem.features:
+        pytest.skip("kernel lacks memfd_secret")
+    pool = pool_factory(mode, name=unique("opts"), **options)
+    data = {"a": 1, "l": [1.5, "x" * 40], "b": b"y" * 100}
+    m = pool.freeze(data)
+    pool.protect()
+    assert m == data
+    if mode.has_write_rare:
+        m.rare_set("a", 2)
+        m["l"].rare_set(0, None)
+        assert perms_at(m.address) == "r--s"
+        pool.make_ro()
+        assert_same(m.thaw(), {"a": 2, "l": [None, "x" * 40], "b": b"y" * 100})
+    with pytest.raises(ProtectionError):
+        m.rare_set("a", 3)
+
+
 def test_rare_set_on_read_only_modes_refused_before_protect(pool_factory):
     for mode in RO_MODES:
         pool = pool_factory(mode, name=unique())
