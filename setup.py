@@ -33,6 +33,7 @@ setup(
                 "csrc/allocation.c",
                 "csrc/frozen.c",
                 "csrc/freeze.c",
+                "csrc/share.c",
                 "csrc/rare.c",
                 "csrc/fault.c",
                 "csrc/fork.c",

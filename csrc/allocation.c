@@ -400,7 +400,21 @@ Allocation_repr(AllocationObject *self)
                                 pool->name, self->addr, self->size, prmem_state_name(state));
 }
 
+static PyObject *
+Allocation_reduce(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyErr_SetString(PyExc_TypeError,
+                    "cannot pickle a prmem.Allocation to bytes: protected memory travels "
+                    "only between live processes, as a descriptor. Pass it through "
+                    "multiprocessing (from a sealed Pool(share=True)) or use "
+                    "prmem.send()/prmem.recv(); bytes(a) is a plain copy");
+    return NULL;
+}
+
 static PyMethodDef Allocation_methods[] = {
+    {"__reduce__", (PyCFunction)Allocation_reduce, METH_NOARGS, NULL},
     {"write", (PyCFunction)(void (*)(void))Allocation_write, METH_FASTCALL | METH_KEYWORDS,
      "write(data, offset=0) -> None\n\n"
      "Copy bytes-like data into the allocation at offset.  Only while the\n"

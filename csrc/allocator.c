@@ -205,6 +205,12 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     POOL_LOCK(self);
     if (prmem_check_changeable(self, &e) < 0)
         goto fail;
+    if (self->attached) {
+        prmem_fail(&e, self->mstate->ProtectionError,
+                   "prmem pool '%.200s' was received from another process: it is READ_ONLY "
+                   "here, and nothing can be allocated in it", self->cname);
+        goto fail;
+    }
     if (self->closed) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "%.200s is closed: allocations are only possible before "
@@ -303,13 +309,14 @@ static int
 Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"mode",   "name",     "refill", "align_order", "seal",
-                             "section", "secret", "dontdump", "lock",      NULL};
-    int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0;
+                             "section", "secret", "dontdump", "lock",      "share", NULL};
+    int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0,
+        share = 0;
     PyObject *name;
     Py_ssize_t refill;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|ppppp:Pool", kwlist, &mode, &name,
-                                     &refill, &align_order, &seal, &section, &secret,
-                                     &dontdump, &lock))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|pppppp:Pool", kwlist, &mode,
+                                     &name, &refill, &align_order, &seal, &section, &secret,
+                                     &dontdump, &lock, &share))
         return -1;
     prmem_module_state *st = state_from_type(Py_TYPE(self));
     if (st == NULL)
@@ -336,6 +343,12 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
         return -1;
     if (PyUnicode_FindChar(name, 0, 0, PyUnicode_GET_LENGTH(name), 1) >= 0) {
         PyErr_SetString(PyExc_ValueError, "pool name must not contain NUL");
+        return -1;
+    }
+    if (share && secret) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a secret pool cannot be shared: memfd_secret memory cannot be sealed "
+                        "by the kernel, so prmem never hands it to another process");
         return -1;
     }
     if (secret && !(prmem_features & PRMEM_FEAT_MEMFD_SECRET)) {
@@ -374,6 +387,7 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     self->mode = mode;
     self->align_order = align_order;
     self->seal = seal;
+    self->share = share;
     self->section = section;
     self->secret = secret;
     /* memfd_secret memory is always locked and never dumped */

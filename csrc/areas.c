@@ -701,6 +701,14 @@ prmem_pool_release(PoolObject *pool)
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
     }
+    /* the "attached from" markers of a pool received from elsewhere */
+    void **marks = pool->attach_marks;
+    for (size_t i = 0; i < pool->nattach_marks; i++)
+        if (marks[i] != NULL)
+            munmap(marks[i], prmem_page_size);
+    PyMem_RawFree(marks);
+    pool->attach_marks = NULL;
+    pool->nattach_marks = 0;
     PyMem_RawFree(pool->chunks);
     PyMem_RawFree(pool->areas);
     pool->chunks = NULL;

@@ -533,6 +533,13 @@ Frozen_get_allocation(FrozenObject *self, void *closure)
 }
 
 static PyObject *
+Frozen_get_node(FrozenObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->node);
+}
+
+static PyObject *
 Frozen_get_pool(FrozenObject *self, void *closure)
 {
     (void)closure;
@@ -545,8 +552,10 @@ Frozen_reduce(PyObject *self, PyObject *unused)
 {
     (void)unused;
     PyErr_Format(PyExc_TypeError,
-                 "cannot pickle %.100s: frozen containers live in protected memory of this "
-                 "process; thaw() it for a plain copy", Py_TYPE(self)->tp_name);
+                 "cannot pickle %.100s to bytes: protected memory travels only between live "
+                 "processes, as a descriptor. Pass it through multiprocessing (from a sealed "
+                 "Pool(share=True)), use prmem.send()/prmem.recv(), or thaw() it for a "
+                 "plain copy", Py_TYPE(self)->tp_name);
     return NULL;
 }
 
@@ -949,6 +958,7 @@ static PyGetSetDef Frozen_getset[] = {
      "Address of the first byte of the whole frozen structure.", NULL},
     {"nbytes", (getter)Frozen_get_nbytes, NULL, "Size of the whole frozen structure.", NULL},
     {"pool", (getter)Frozen_get_pool, NULL, "The pool holding the structure.", NULL},
+    {"_node", (getter)Frozen_get_node, NULL, "Offset of this container's node.", NULL},
     {"_allocation", (getter)Frozen_get_allocation, NULL,
      "The allocation holding the structure (for rare_set).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -1016,12 +1026,18 @@ static PyType_Spec List_spec = {
     .slots = List_slots,
 };
 
-/* _core.open_frozen(allocation) -> FrozenMap | FrozenList: check the header
- * and return a handle on the root. */
+/* _core.open_frozen(allocation, node=0, tag=0) -> FrozenMap | FrozenList:
+ * check the header and return a handle on the root, or on the container of
+ * type `tag` at offset `node` (a nested one passed to another process). */
 static PyObject *
-open_frozen(PyObject *module, PyObject *arg)
+open_frozen(PyObject *module, PyObject *args)
 {
     prmem_module_state *st = PyModule_GetState(module);
+    PyObject *arg;
+    unsigned long long node = 0;
+    unsigned int want_tag = 0;
+    if (!PyArg_ParseTuple(args, "O|KI:open_frozen", &arg, &node, &want_tag))
+        return NULL;
     if (!Py_IS_TYPE(arg, st->AllocationType)) {
         PyErr_SetString(PyExc_TypeError, "open_frozen() takes a prmem.Allocation");
         return NULL;
@@ -1042,8 +1058,13 @@ open_frozen(PyObject *module, PyObject *arg)
         else if (slot.payload % 8 || slot.payload < PRMEM_FZ_HEADER ||
                  slot.payload >= x->size)
             corrupt(x, "root container out of place", 32);
-        else
+        else if (want_tag == 0)
             root = handle_new(x, (int)slot.tag, slot.payload);
+        else if ((want_tag != PRMEM_FZ_MAP && want_tag != PRMEM_FZ_LIST) || node % 8 ||
+                 node < PRMEM_FZ_HEADER || node > slot.payload)
+            corrupt(x, "nested container out of place", node);
+        else
+            root = handle_new(x, (int)want_tag, node);
     }
     Py_DECREF(x);
     return root;
@@ -1075,7 +1096,8 @@ freeze_encode(PyObject *module, PyObject *obj)
 }
 
 static PyMethodDef frozen_functions[] = {
-    {"open_frozen", open_frozen, METH_O, "Handle on the frozen structure in an allocation."},
+    {"open_frozen", open_frozen, METH_VARARGS,
+     "Handle on the frozen structure in an allocation (or on a nested container)."},
     {"freeze_encode", freeze_encode, METH_O, "The frozen layout of a Mapping or list, as bytes."},
     {"_set_frozen_types", set_frozen_types, METH_VARARGS,
      "Register prmem.FrozenMap/FrozenList as the types of new handles."},

@@ -181,6 +181,10 @@ typedef struct PoolObject {
     int lock_requested;     /* lock=True or secret=True */
     int section;            /* ro_after_init / wr_after_init: never destroyed */
     int closed;             /* section after mark_init_done(): no allocations */
+    int share;              /* sealed chunks keep a read-only descriptor to pass on */
+    int attached;           /* memory received from another process (share.c) */
+    void *attach_marks;     /* share.c: the "attached from" markers, to unmap */
+    size_t nattach_marks;
     size_t refill;          /* minimum area size, page-rounded */
     size_t next_chunk_size; /* reservation size for the next chunk */
     PyObject *name;         /* exact str (a copy, never a user subclass) */
@@ -311,6 +315,9 @@ PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
+
+/* share.c: sealed memory handed to and received from other processes. */
+PRMEM_INTERNAL int prmem_share_add_functions(PyObject *module);
 
 /* seal.c: READ_ONLY for good, and checking that mappings are still prmem's.
  * Same floor as areas.c; callers hold pool->lock. */

@@ -269,9 +269,10 @@ fail_seal(PoolObject *pool, size_t ci, prmem_error *e, const char *what, int err
 }
 
 /* memfd: re-map through a read-only descriptor, then let the kernel prove
- * that no writable mapping is left by adding F_SEAL_WRITE. */
+ * that no writable mapping is left by adding F_SEAL_WRITE.  On success
+ * *ro_fd is that read-only descriptor (the caller keeps or closes it). */
 static int
-seal_memfd(PoolObject *pool, size_t ci, prmem_error *e)
+seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
 {
     prmem_chunk *ch = &pool->chunks[ci];
     char path[64];
@@ -301,11 +302,13 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e)
         failed = fcntl(ch->fd, F_ADD_SEALS, seals) < 0;
     }
     int err = errno;
-    close(ro);
-    if (failed)
+    if (failed) {
+        close(ro);
         return fail_seal(pool, ci, e, what, err);
+    }
     if (pool->dontdump && ch->used > 0)
         madvise(ch->base, ch->used, MADV_DONTDUMP);
+    *ro_fd = ro;
     return 0;
 }
 
@@ -341,8 +344,9 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     prmem_chunk *ch = &pool->chunks[ci];
     if (ch->sealed)
         return 0;
+    int ro_fd = -1;
     if (prmem_enforce) {
-        int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e)
+        int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e, &ro_fd)
                                                   : seal_unsealable(pool, ci, e);
         if (rc < 0)
             return -1;
@@ -359,8 +363,15 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     }
     ch->sealed = 1;
     pool->protect_event = 1;
+    /* Reading needs no descriptor.  A share=True pool keeps the read-only
+     * one, to pass the sealed memory to other processes: it can neither
+     * write nor map writable (O_RDONLY, F_SEAL_WRITE). */
     close(ch->fd);
     ch->fd = -1;
+    if (ro_fd >= 0 && pool->share)
+        ch->fd = ro_fd;
+    else if (ro_fd >= 0)
+        close(ro_fd);
     if (prmem_enforce && ch->size > ch->used) {
         if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
             return prmem_fail_os(e, "munmap", errno);

@@ -161,6 +161,7 @@ def freeze(pool: Any, obj: Any) -> Union[FrozenMap, FrozenList]:
     return _core.open_frozen(allocation)  # type: ignore[no-any-return]
 
 
+
 def array(pool: Any, data: Any = None, dtype: Any = None, *,
           shape: Optional[Union[int, Tuple[int, ...]]] = None, fill: Any = 0) -> Any:
     """Copy a numpy array-like into ``pool`` (see Pool.array)."""

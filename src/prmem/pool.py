@@ -183,6 +183,12 @@ class Pool(_core.Pool):
     ``/proc/PID/mem``.  ``dontdump=True`` excludes a pool from core dumps;
     ``lock=True`` locks its areas in memory.  Locked memory counts against
     RLIMIT_MEMLOCK; exceeding it raises MemoryError naming that limit.
+
+    ``share=True`` keeps a read-only descriptor of each sealed chunk, so
+    the pool's READ_ONLY memory (and FrozenMaps, FrozenLists, Allocations
+    in it) can be passed to other processes: through multiprocessing, or
+    ``prmem.send()``/``prmem.recv()``.  Otherwise sealed memory keeps no
+    descriptor at all.
     """
 
     __slots__ = ()
@@ -198,6 +204,7 @@ class Pool(_core.Pool):
         secret: bool = False,
         dontdump: bool = False,
         lock: bool = False,
+        share: bool = False,
     ) -> None:
         mode = _to_mode(mode)
         if not isinstance(name, str):
@@ -214,7 +221,13 @@ class Pool(_core.Pool):
             raise ValueError(f"align_order must be between 0 and {_core.page_shift} "
                              f"(log2 of the page size), got {align_order}")
         super().__init__(int(mode), name, refill, align_order, bool(seal), False,
-                         bool(secret), bool(dontdump), bool(lock))
+                         bool(secret), bool(dontdump), bool(lock), bool(share))
+
+    @property
+    def attached(self) -> bool:
+        """True if this pool was received from another process (READ_ONLY
+        here; destroy() unmaps it in this process only)."""
+        return bool(_core.is_attached(self))
 
     @property
     def mode(self) -> Mode:
@@ -321,8 +334,10 @@ class Pool(_core.Pool):
         self.destroy()
 
     def __reduce__(self) -> Any:
-        raise TypeError("prmem pools cannot be pickled or copied: their memory is "
-                        "tied to this process")
+        raise TypeError("prmem pools cannot be pickled to bytes: protected memory travels "
+                        "only between live processes, as a descriptor. Pass a sealed "
+                        "Pool(share=True) (or a FrozenMap in one) through multiprocessing, "
+                        "or use prmem.send()/prmem.recv()")
 
     def __repr__(self) -> str:
         if self.destroyed:
