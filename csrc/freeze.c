@@ -85,6 +85,25 @@ put_blob(encoder *enc, const void *data, size_t n, uint64_t *off)
     return 0;
 }
 
+/* A str's UTF-8 (lone surrogates pass, as os.fsdecode() makes them); *keep
+ * owns the bytes when they had to be made. */
+static const char *
+str_utf8(PyObject *s, size_t *n, PyObject **keep)
+{
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(s, &len);
+    if (data == NULL) {
+        PyErr_Clear();
+        *keep = PyUnicode_AsEncodedString(s, "utf-8", "surrogatepass");
+        if (*keep == NULL)
+            return NULL;
+        data = PyBytes_AS_STRING(*keep);
+        len = PyBytes_GET_SIZE(*keep);
+    }
+    *n = (size_t)len;
+    return data;
+}
+
 /* A str or bytes value: inline in the slot when short, else a blob. */
 static int
 put_string(encoder *enc, uint32_t tag, const char *data, size_t n, prmem_fz_slot *slot)
@@ -193,15 +212,11 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
     PyObject *keep = NULL;
     uint64_t word;
     if (PyUnicode_Check(key)) {
-        Py_ssize_t len;
-        data = PyUnicode_AsUTF8AndSize(key, &len);
-        if (data == NULL) {
-            PyErr_Clear();
-            return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 1);
-        }
-        n = (size_t)len;
-        if (put_string(enc, PRMEM_FZ_STR, data, n, slot) < 0)
+        data = str_utf8(key, &n, &keep);
+        if (data == NULL || put_string(enc, PRMEM_FZ_STR, data, n, slot) < 0) {
+            Py_XDECREF(keep);
             return -1;
+        }
     }
     else if (PyBytes_Check(key)) {
         data = PyBytes_AS_STRING(key);
@@ -429,13 +444,12 @@ encode_value(encoder *enc, PyObject *obj, prmem_fz_slot *out)
         return 0;
     }
     if (PyUnicode_Check(obj)) {
-        Py_ssize_t len;
-        const char *data = PyUnicode_AsUTF8AndSize(obj, &len);
-        if (data == NULL) {
-            PyErr_Clear();
-            return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 0);
-        }
-        return put_string(enc, PRMEM_FZ_STR, data, (size_t)len, out);
+        size_t len;
+        PyObject *keep = NULL;
+        const char *data = str_utf8(obj, &len, &keep);
+        int rc = data ? put_string(enc, PRMEM_FZ_STR, data, len, out) : -1;
+        Py_XDECREF(keep);
+        return rc;
     }
     if (PyBytes_Check(obj)) {
         return put_string(enc, PRMEM_FZ_BYTES, PyBytes_AS_STRING(obj),

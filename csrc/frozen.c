@@ -271,7 +271,8 @@ materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
         if ((data = slot_bytes(x, slot, &len)) == NULL)
             return NULL;
         {
-            PyObject *s = PyUnicode_DecodeUTF8(data, (Py_ssize_t)len, "strict");
+            /* surrogatepass: Python strs may hold lone surrogates (os.fsdecode) */
+            PyObject *s = PyUnicode_DecodeUTF8(data, (Py_ssize_t)len, "surrogatepass");
             if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
                 PyErr_Clear();
                 return corrupt(x, "string is not valid UTF-8", p);
@@ -343,8 +344,13 @@ prep_key(PyObject *key, lookup_key *k)
         }
         k->data = PyUnicode_AsUTF8AndSize(key, &n);
         if (k->data == NULL) {
-            PyErr_Clear(); /* unencodable: could not have been frozen */
-            return 0;
+            /* lone surrogates: frozen as freeze.c encodes them */
+            PyErr_Clear();
+            k->keep = PyUnicode_AsEncodedString(key, "utf-8", "surrogatepass");
+            if (k->keep == NULL)
+                return -1;
+            k->data = PyBytes_AS_STRING(k->keep);
+            n = PyBytes_GET_SIZE(k->keep);
         }
         k->tag = PRMEM_FZ_STR;
         k->n = (size_t)n;
@@ -770,17 +776,36 @@ Map_iter_values(FrozenObject *self, PyObject *unused)
 
 /* --------------------------------------------------------------- thaw */
 
-static PyObject *thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent);
+/*
+ * A valid structure is a tree: every slot is read once, and there are at
+ * most size/16 of them.  Corrupt data can make several slots point at the
+ * same child (children still lie before parents), and a chain of such
+ * nodes would stand for 2^depth of them: the budget turns that into a
+ * CorruptionError instead of a hang.
+ */
+static PyObject *thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent,
+                            uint64_t *budget);
+
+static int
+spend(ExtentObject *x, uint64_t *budget, uint64_t n, uint64_t node)
+{
+    if (n > *budget) {
+        corrupt(x, "containers share children (a frozen structure is a tree)", node);
+        return -1;
+    }
+    *budget -= n;
+    return 0;
+}
 
 static PyObject *
-thaw_node(ExtentObject *x, int tag, uint64_t node)
+thaw_node(ExtentObject *x, int tag, uint64_t node, uint64_t *budget)
 {
     if (Py_EnterRecursiveCall(" while thawing a frozen container"))
         return NULL;
     PyObject *result = NULL;
     uint64_t count, nb;
     if (tag == PRMEM_FZ_LIST) {
-        if (list_node(x, node, &count) < 0)
+        if (list_node(x, node, &count) < 0 || spend(x, budget, count, node) < 0)
             goto done;
         PyObject *list = PyList_New((Py_ssize_t)count);
         if (list == NULL)
@@ -788,7 +813,7 @@ thaw_node(ExtentObject *x, int tag, uint64_t node)
         for (uint64_t i = 0; i < count; i++) {
             prmem_fz_slot slot;
             load_slot(x, node + 8 + i * PRMEM_FZ_SLOT, &slot);
-            PyObject *v = thaw_value(x, &slot, node);
+            PyObject *v = thaw_value(x, &slot, node, budget);
             if (v == NULL) {
                 Py_DECREF(list);
                 goto done;
@@ -798,7 +823,7 @@ thaw_node(ExtentObject *x, int tag, uint64_t node)
         result = list;
     }
     else {
-        if (map_node(x, node, &count, &nb) < 0)
+        if (map_node(x, node, &count, &nb) < 0 || spend(x, budget, 2 * count, node) < 0)
             goto done;
         PyObject *dict = PyDict_New();
         if (dict == NULL)
@@ -814,7 +839,7 @@ thaw_node(ExtentObject *x, int tag, uint64_t node)
                 goto done;
             }
             PyObject *k = materialize(x, &ks, node);
-            PyObject *v = k ? thaw_value(x, &vs, node) : NULL;
+            PyObject *v = k ? thaw_value(x, &vs, node, budget) : NULL;
             if (v == NULL || PyDict_SetItem(dict, k, v) < 0) {
                 Py_XDECREF(k);
                 Py_XDECREF(v);
@@ -832,13 +857,13 @@ done:
 }
 
 static PyObject *
-thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
+thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent, uint64_t *budget)
 {
     if (slot->tag == PRMEM_FZ_LIST || slot->tag == PRMEM_FZ_MAP) {
         uint64_t p = slot->payload;
         if (p % 8 || p < PRMEM_FZ_HEADER || p >= parent)
             return corrupt(x, "nested container out of place", p);
-        return thaw_node(x, (int)slot->tag, p);
+        return thaw_node(x, (int)slot->tag, p, budget);
     }
     return materialize(x, slot, parent);
 }
@@ -847,7 +872,8 @@ static PyObject *
 Map_thaw(FrozenObject *self, PyObject *unused)
 {
     (void)unused;
-    return thaw_node(self->extent, PRMEM_FZ_MAP, self->node);
+    uint64_t budget = self->extent->size / PRMEM_FZ_SLOT;
+    return thaw_node(self->extent, PRMEM_FZ_MAP, self->node, &budget);
 }
 
 /* --------------------------------------------------------- FrozenList */
@@ -944,7 +970,8 @@ static PyObject *
 List_thaw(FrozenObject *self, PyObject *unused)
 {
     (void)unused;
-    return thaw_node(self->extent, PRMEM_FZ_LIST, self->node);
+    uint64_t budget = self->extent->size / PRMEM_FZ_SLOT;
+    return thaw_node(self->extent, PRMEM_FZ_LIST, self->node, &budget);
 }
 
 static PyObject *

@@ -489,9 +489,7 @@ def test_empty_containers(pool_factory):
     assert m.nbytes > 0 and lst.nbytes > 0
 
 
-def test_deep_nesting(pool_factory):
-    """"Nested to any depth": deeper than Python's recursion limit."""
-    depth = 5000
+def nested(depth):
     data = leaf = []
     for i in range(depth):
         nxt = {"k": i} if i % 2 else []
@@ -500,6 +498,14 @@ def test_deep_nesting(pool_factory):
         else:
             leaf["next"] = nxt
         leaf = nxt
+    return data
+
+
+def test_deep_nesting(pool_factory):
+    """Nesting up to Python's recursion limit freezes and reads back; deeper
+    data raises RecursionError and allocates nothing (documented limit)."""
+    depth = 300
+    data = nested(depth)
     pool = pool_factory(Mode.RO, name=unique())
     h = pool.freeze(data)
     pool.protect()
@@ -521,6 +527,10 @@ def test_deep_nesting(pool_factory):
         level += 1
     assert level == depth
     assert_same(thawed, data)
+    before = pool.stats().allocations
+    with pytest.raises(RecursionError):
+        pool.freeze(nested(sys.getrecursionlimit() + 100))
+    assert pool.stats().allocations == before
 
 
 def test_shared_references_are_not_cycles(pool_factory):
@@ -1665,13 +1675,15 @@ def test_replace_pool_with_returns_the_new_table():
     del table
     new, table = prmem.replace_pool_with(ref, lambda p: p.freeze({"version": 2, "l": [1]}),
                                          name=unique("v2"))
-    assert ref.get() is new
+    assert ref.get() is table                      # the reference names the new table
+    assert table.pool is new
     assert old.destroyed
     assert type(table) is FrozenMap and table == {"version": 2, "l": [1]}
     assert perms_at(table.address) == "r--s"        # protected before the swap
     with pytest.raises(BufferError):
         new.destroy()                                # the returned table pins it
     del table
+    ref.set(None)                                    # and so did the reference
     new.destroy()
 
 
@@ -1682,6 +1694,7 @@ def test_replace_pool_with_write_rare_table():
     table.rare_set("limit", 6)
     assert table["limit"] == 6 and perms_at(table.address) == "r--s"
     del table
+    ref.set(None)                                   # the reference pinned it too
     new.destroy()
 
 

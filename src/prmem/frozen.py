@@ -109,13 +109,9 @@ class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
             return NotImplemented
         if len(self) != len(other):
             return False
-        for key, value in self.items():
-            try:
-                if other[key] != value:
-                    return False
-            except KeyError:
-                return False
-        return True
+        # one bounded walk of the protected structure (thaw() refuses
+        # corrupt data that would make a recursive comparison explode)
+        return self.thaw() == _plain(other)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -142,13 +138,25 @@ class FrozenList(_core.FrozenList, Sequence):  # type: ignore[misc, type-arg]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (list, tuple, FrozenList)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+            return len(self) == len(other) and self.thaw() == _plain(other)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"prmem.FrozenList({self.thaw()!r})"
+
+
+def _plain(obj: Any) -> Any:
+    """obj as thaw() would give it: dicts and lists all the way down, so a
+    FrozenList compares equal to a tuple and a FrozenMap to any Mapping."""
+    if isinstance(obj, (FrozenMap, FrozenList)):
+        return obj.thaw()
+    if isinstance(obj, Mapping):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(item) for item in obj]
+    return obj
 
 
 _core._set_frozen_types(FrozenMap, FrozenList)
