@@ -10,10 +10,13 @@ Python code runs while it is held, two deadlocks follow:
   interval) and another thread takes the GIL and then waits for the pool
   lock without releasing the GIL: neither can go on.
 
-Python code can sneak in under the lock in two ways: formatting the pool's
-name into an error message (a ``str`` subclass with its own ``__repr__``),
-and allocating the exception object, which may start a cyclic GC collection
-that runs ``__del__`` methods.  The second needs CPython <= 3.11, which
+Python code can sneak in under the lock in three ways: formatting the
+pool's name into an error message (a ``str`` subclass with its own
+``__repr__``); ``%R`` itself, even of an exact str, because
+``PyObject_Repr()`` first runs pending signal handlers
+(``PyErr_CheckSignals()``, every CPython version); and allocating the
+exception object, which may start a cyclic GC collection that runs
+``__del__`` methods.  The second needs CPython <= 3.11, which
 collects inside the allocation that crosses the threshold, and an exception
 being handled (3.11 then instantiates the new exception inside
 ``PyErr_Format()`` to chain it); 3.12+ defers collections to the next
@@ -224,6 +227,38 @@ print("RESULT", json.dumps(counts))
 """ % NAME
 STORM_ROUNDS = 2000   # per storm() call; two calls per child
 
+# (d) A signal handler that calls the pool, firing every millisecond while an
+# error path of the pool raises.
+SIGNAL_STORM_CHILD = """
+NAME = %r
+{setup}
+counts = {{"handled": 0, "raised": 0, "wrong": [], "bad_handler": []}}
+
+def on_alarm(signum, frame):
+    counts["handled"] += 1
+    try:
+        pool.stats()
+        pool.alloc(1)
+    except (PoolDestroyedError, BufferError, MemoryError):
+        pass
+    except BaseException as e:
+        counts["bad_handler"].append(repr(e))
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+for _ in range({n}):
+    try:
+        {action}
+    except Exception as e:
+        if type(e).__name__ == {exception!r}:
+            counts["raised"] += 1
+        else:
+            counts["wrong"].append(repr(e))
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print("RESULT", json.dumps(counts))
+""" % NAME
+SIGNAL_ROUNDS = 20000
+
 # (b) Python code under the lock that sleeps, with a second thread reading.
 READER = """
 done = threading.Event()
@@ -332,9 +367,13 @@ for _label, (_setup, _action, _exc) in ERROR_PATHS.items():
     _add(("name", _label), NAME_ERROR_CHILD.format(setup=_setup, action=_action), _memlock)
     _add(("gc", _label), GC_STORM_CHILD.format(setup=_setup, action=_action, exception=_exc,
                                                n=STORM_ROUNDS), _memlock)
+    _add(("signal", _label), SIGNAL_STORM_CHILD.format(
+        setup=_setup, action=_action, exception=_exc, n=SIGNAL_ROUNDS), _memlock)
 for _label, (_setup, _action, _exc) in CONTROL_PATHS.items():
     _add(("gc", _label), GC_STORM_CHILD.format(setup=_setup, action=_action, exception=_exc,
                                                n=STORM_ROUNDS))
+    _add(("signal", _label), SIGNAL_STORM_CHILD.format(
+        setup=_setup, action=_action, exception=_exc, n=SIGNAL_ROUNDS))
 _add("reprs", REPRS_CHILD)
 _add("sleepy name", SLEEPY_NAME_CHILD)
 _add("sleepy del", SLEEPY_DEL_CHILD)
@@ -464,3 +503,16 @@ def test_gc_finalizers_calling_the_pool_during_error_storm(children, label):
     assert counts["wrong"] == [] and counts["bad_del"] == [], counts
     assert counts["raised"] == 2 * STORM_ROUNDS, counts
     assert counts["dels"] >= STORM_ROUNDS, counts
+
+
+@pytest.mark.parametrize("label", [*ERROR_PATHS, *CONTROL_PATHS])
+def test_signal_handler_calling_the_pool_during_error_storm(children, label):
+    """(d) A SIGALRM handler that calls pool.stats() and pool.alloc(1),
+    fired every millisecond while an error path of the same pool raises
+    20,000 times: no hang (the handler must not run while the error is
+    built under the lock), the exact exception every time, and the
+    handler ran."""
+    counts = children[("signal", label)].result()
+    assert counts["wrong"] == [] and counts["bad_handler"] == [], counts
+    assert counts["raised"] == SIGNAL_ROUNDS, counts
+    assert counts["handled"] > 0, counts
