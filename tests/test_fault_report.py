@@ -28,6 +28,9 @@ def _line_of(source: str, marker: str) -> int:
     return next(i for i, line in enumerate(full, 1) if marker in line)
 
 
+@pytest.mark.no_sanitizer("asserts that ctypes.memmove() faults on its first byte; ASan's "
+                          "memmove() interceptor copies backwards when the destination lies "
+                          "above the source, so the report (rightly) names the last byte")
 @pytest.mark.parametrize("mode, state", [("RO", "READ_ONLY"), ("WR", "WRITE_RARE")])
 def test_report_names_pool_state_address_and_python_line(mode, state):
     code = WRITER.format(mode=mode, before="print(hex(b.address), flush=True)")
