@@ -220,13 +220,14 @@ check_incoming(prmem_module_state *st, const incoming *in, int *ro, struct stat 
 }
 
 /* A PROT_NONE page from a memory file named after where the chunk came
- * from: /proc/PID/maps shows it, so prmem inspect can tell attached memory
- * and its origin (see inspect.py). */
+ * from: prmem-attached:<address>:<inode>:<sender pid>:<pool>.  /proc/PID/maps
+ * shows it, so prmem inspect can tell attached memory and its origin. */
 static void *
-attach_mark(unsigned long long ino, long sender, const char *name)
+attach_mark(const void *base, unsigned long long ino, long sender, const char *name)
 {
     char label[250];
-    snprintf(label, sizeof(label), "prmem-attached:%llu:%ld:%s", ino, sender, name);
+    snprintf(label, sizeof(label), "prmem-attached:%llx:%llu:%ld:%s",
+             (unsigned long long)(uintptr_t)base, ino, sender, name);
     int fd = (int)syscall(SYS_memfd_create, label, MFD_CLOEXEC);
     if (fd < 0)
         return NULL;
@@ -331,7 +332,7 @@ attach(PyObject *module, PyObject *args)
         areas[done].size = ch->used;
         areas[done].chunk = (uint32_t)done;
         areas[done].state = PRMEM_READ_ONLY;
-        marks[done] = attach_mark((unsigned long long)sb.st_ino, sender, cname);
+        marks[done] = attach_mark(base, (unsigned long long)sb.st_ino, sender, cname);
     }
     if (rc < 0) {
         /* nothing stays mapped */

@@ -293,3 +293,29 @@ def test_malformed_message_is_refused():
         with pytest.raises(prmem.ProtectionError, match="malformed"):
             prmem.recv(b)
         assert len(os.listdir("/proc/self/fd")) == before  # the received fd was closed
+
+
+def test_inspect_names_attached_memory_and_its_origin(table):
+    from prmem.inspect import anomalies, mappings
+
+    a, b = socket.socketpair()
+    with a, b:
+        prmem.send(a, table)
+        received = prmem.recv(b)
+        found = [m for m in mappings(os.getpid()) if m.pool.startswith("shared-policy")]
+        attached = [m for m in found if m.attached]
+        assert len(attached) == 1 and f"attached from pid {os.getpid()}" in attached[0].pool
+        assert attached[0].start <= received.address < attached[0].end
+        assert not [x for x in anomalies(os.getpid()) if "shared-policy" in x]
+        pool = received.pool
+        del received
+        gc.collect()
+        pool.destroy()
+    assert not [m for m in mappings(os.getpid()) if m.attached and "shared-policy" in m.pool]
+
+
+def test_shared_workers_example_runs():
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "shared_workers.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
