@@ -539,7 +539,22 @@ ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
     POOL_UNLOCK(pool);
 }
 
+static PyObject *
+ReadOnlyBuffer_get_allocation(ReadOnlyBufferObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->alloc);
+    return (PyObject *)self->alloc;
+}
+
+static PyGetSetDef ReadOnlyBuffer_getset[] = {
+    {"allocation", (getter)ReadOnlyBuffer_get_allocation, NULL, "The allocation exported.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyType_Slot ReadOnlyBuffer_slots[] = {
+    {Py_tp_getset, ReadOnlyBuffer_getset},
     {Py_tp_doc, "ReadOnlyBuffer(allocation): a read-only buffer of the allocation."},
     {Py_tp_new, ReadOnlyBuffer_new},
     {Py_tp_dealloc, ReadOnlyBuffer_dealloc},

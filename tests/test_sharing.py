@@ -319,3 +319,21 @@ def test_shared_workers_example_runs():
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def array_facts(arr):
+    return float(arr.sum()), arr.shape, arr.flags.writeable, arr.base is not None
+
+
+def test_pool_arrays_travel_as_shared_memory(pool_factory):
+    numpy = pytest.importorskip("numpy")
+    pool = pool_factory(Mode.RO, name="shared-array", share=True)
+    arr = pool.array(numpy.arange(12, dtype="f8").reshape(3, 4))
+    pool.protect()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as workers:
+        assert workers.apply(array_facts, (arr,)) == (66.0, (3, 4), False, True)
+        assert workers.apply(array_facts, (arr[1:, ::2],)) == (28.0, (2, 2), False, True)
+        # any other array still travels as numpy pickles it
+        assert workers.apply(array_facts, (numpy.ones(3),)) == (3.0, (3,), True, False)
+    del workers, arr

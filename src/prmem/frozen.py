@@ -191,4 +191,6 @@ def array(pool: Any, data: Any = None, dtype: Any = None, *,
     # 64-byte alignment: what numpy and SIMD loops like
     allocation = pool._alloc_init(raw, 6)
     view = numpy.frombuffer(_core.ReadOnlyBuffer(allocation), dtype=source.dtype)
+    from .sharing import register_arrays
+    register_arrays(numpy)
     return view.reshape(source.shape)

@@ -139,6 +139,45 @@ for _type in (FrozenMap, FrozenList, Allocation, Pool):
     reduction.ForkingPickler.register(_type, _mp_reduce)
 
 
+# numpy views made by Pool.array(): registered when the first is made, and
+# any other ndarray is pickled as numpy does it.
+
+def _array_source(arr: Any) -> Any:
+    """The ReadOnlyBuffer behind a Pool.array() view, or None."""
+    base = arr
+    while base is not None and not isinstance(base, _core.ReadOnlyBuffer):
+        # ndarray.base chains end in the memoryview numpy made of the buffer
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def _rebuild_array(alloc: Any, dtype: Any, shape: Any, strides: Any, offset: int) -> Any:
+    import numpy
+    flat = numpy.frombuffer(_core.ReadOnlyBuffer(alloc), dtype=numpy.uint8)
+    return numpy.lib.stride_tricks.as_strided(flat[offset:].view(dtype), shape, strides,
+                                              writeable=False)
+
+
+def _reduce_array(arr: Any) -> Any:
+    source = _array_source(arr)
+    if source is None:
+        return arr.__reduce__()
+    alloc = source.allocation
+    offset = arr.__array_interface__["data"][0] - alloc.address
+    return _rebuild_array, (alloc, arr.dtype, arr.shape, arr.strides, offset)
+
+
+_arrays_registered = False
+
+
+def register_arrays(numpy: Any) -> None:
+    """Let multiprocessing pass Pool.array() views as shared memory."""
+    global _arrays_registered
+    if not _arrays_registered:
+        reduction.ForkingPickler.register(numpy.ndarray, _reduce_array)
+        _arrays_registered = True
+
+
 # ------------------------------------------------------------ sockets
 
 _HEADER = struct.Struct("<I")
