@@ -783,8 +783,6 @@ Map_iter_values(FrozenObject *self, PyObject *unused)
  * nodes would stand for 2^depth of them: the budget turns that into a
  * CorruptionError instead of a hang.
  */
-static PyObject *thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent,
-                            uint64_t *budget);
 
 static int
 spend(ExtentObject *x, uint64_t *budget, uint64_t n, uint64_t node)
@@ -797,75 +795,130 @@ spend(ExtentObject *x, uint64_t *budget, uint64_t n, uint64_t node)
     return 0;
 }
 
-static PyObject *
-thaw_node(ExtentObject *x, int tag, uint64_t node, uint64_t *budget)
+/* A container being thawed: an explicit stack, so any depth thaws without
+ * recursion. */
+typedef struct {
+    int tag;
+    uint64_t node, count, next;
+    PyObject *result;      /* the list or dict being filled (strong) */
+    PyObject *key;         /* a map's key for the child being thawed (strong) */
+} thaw_frame;
+
+/* Start thawing the container at `node`: check it, spend the budget,
+ * make the empty list or dict. */
+static int
+thaw_open(ExtentObject *x, int tag, uint64_t node, uint64_t *budget, thaw_frame *f)
 {
-    if (Py_EnterRecursiveCall(" while thawing a frozen container"))
-        return NULL;
-    PyObject *result = NULL;
     uint64_t count, nb;
+    memset(f, 0, sizeof(*f));
     if (tag == PRMEM_FZ_LIST) {
         if (list_node(x, node, &count) < 0 || spend(x, budget, count, node) < 0)
-            goto done;
-        PyObject *list = PyList_New((Py_ssize_t)count);
-        if (list == NULL)
-            goto done;
-        for (uint64_t i = 0; i < count; i++) {
-            prmem_fz_slot slot;
-            load_slot(x, node + 8 + i * PRMEM_FZ_SLOT, &slot);
-            PyObject *v = thaw_value(x, &slot, node, budget);
-            if (v == NULL) {
-                Py_DECREF(list);
-                goto done;
-            }
-            PyList_SET_ITEM(list, (Py_ssize_t)i, v);
-        }
-        result = list;
+            return -1;
+        f->result = PyList_New((Py_ssize_t)count);
     }
     else {
         if (map_node(x, node, &count, &nb) < 0 || spend(x, budget, 2 * count, node) < 0)
-            goto done;
-        PyObject *dict = PyDict_New();
-        if (dict == NULL)
-            goto done;
-        for (uint64_t i = 0; i < count; i++) {
-            uint64_t e = node + 16 + i * PRMEM_FZ_ENTRY;
-            prmem_fz_slot ks, vs;
-            load_slot(x, e, &ks);
-            load_slot(x, e + PRMEM_FZ_SLOT, &vs);
-            if (!key_tag(ks.tag)) {
-                corrupt(x, "map key of an unsupported type", e);
-                Py_DECREF(dict);
-                goto done;
-            }
-            PyObject *k = materialize(x, &ks, node);
-            PyObject *v = k ? thaw_value(x, &vs, node, budget) : NULL;
-            if (v == NULL || PyDict_SetItem(dict, k, v) < 0) {
-                Py_XDECREF(k);
-                Py_XDECREF(v);
-                Py_DECREF(dict);
-                goto done;
-            }
-            Py_DECREF(k);
-            Py_DECREF(v);
-        }
-        result = dict;
+            return -1;
+        f->result = PyDict_New();
     }
-done:
-    Py_LeaveRecursiveCall();
-    return result;
+    if (f->result == NULL)
+        return -1;
+    f->tag = tag;
+    f->node = node;
+    f->count = count;
+    return 0;
+}
+
+/* Put a finished child into its parent frame (steals value). */
+static int
+thaw_store(thaw_frame *parent, PyObject *value)
+{
+    if (parent->tag == PRMEM_FZ_LIST) {
+        PyList_SET_ITEM(parent->result, (Py_ssize_t)(parent->next - 1), value);
+        return 0;
+    }
+    int rc = PyDict_SetItem(parent->result, parent->key, value);
+    Py_DECREF(value);
+    Py_CLEAR(parent->key);
+    return rc;
 }
 
 static PyObject *
-thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent, uint64_t *budget)
+thaw_node(ExtentObject *x, int tag, uint64_t node, uint64_t *budget)
 {
-    if (slot->tag == PRMEM_FZ_LIST || slot->tag == PRMEM_FZ_MAP) {
-        uint64_t p = slot->payload;
-        if (p % 8 || p < PRMEM_FZ_HEADER || p >= parent)
-            return corrupt(x, "nested container out of place", p);
-        return thaw_node(x, (int)slot->tag, p, budget);
+    size_t depth = 0, cap = 16;
+    thaw_frame *stack = PyMem_Malloc(cap * sizeof(thaw_frame));
+    if (stack == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL;
+    if (thaw_open(x, tag, node, budget, &stack[0]) < 0)
+        goto fail;
+    depth = 1;
+    while (depth > 0) {
+        thaw_frame *f = &stack[depth - 1];
+        if (f->next >= f->count) {
+            PyObject *done = f->result;
+            f->result = NULL;
+            depth--;
+            if (depth == 0) {
+                result = done;
+                break;
+            }
+            if (thaw_store(&stack[depth - 1], done) < 0)
+                goto fail;
+            continue;
+        }
+        uint64_t i = f->next++;
+        prmem_fz_slot slot;
+        if (f->tag == PRMEM_FZ_LIST)
+            load_slot(x, f->node + 8 + i * PRMEM_FZ_SLOT, &slot);
+        else {
+            uint64_t e = f->node + 16 + i * PRMEM_FZ_ENTRY;
+            prmem_fz_slot ks;
+            load_slot(x, e, &ks);
+            load_slot(x, e + PRMEM_FZ_SLOT, &slot);
+            if (!key_tag(ks.tag)) {
+                corrupt(x, "map key of an unsupported type", e);
+                goto fail;
+            }
+            if ((f->key = materialize(x, &ks, f->node)) == NULL)
+                goto fail;
+        }
+        if (slot.tag == PRMEM_FZ_LIST || slot.tag == PRMEM_FZ_MAP) {
+            uint64_t p = slot.payload;
+            /* children lie before their parent: no cycles, whatever the data */
+            if (p % 8 || p < PRMEM_FZ_HEADER || p >= f->node) {
+                corrupt(x, "nested container out of place", p);
+                goto fail;
+            }
+            if (depth == cap) {
+                thaw_frame *bigger = PyMem_Realloc(stack, 2 * cap * sizeof(thaw_frame));
+                if (bigger == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                stack = bigger;
+                cap *= 2;
+                f = &stack[depth - 1];
+            }
+            if (thaw_open(x, (int)slot.tag, p, budget, &stack[depth]) < 0)
+                goto fail;
+            depth++;
+            continue;
+        }
+        PyObject *value = materialize(x, &slot, f->node);
+        if (value == NULL || thaw_store(f, value) < 0)
+            goto fail;
     }
-    return materialize(x, slot, parent);
+    PyMem_Free(stack);
+    return result;
+fail:
+    for (size_t k = 0; k < depth; k++) {
+        Py_XDECREF(stack[k].result);
+        Py_XDECREF(stack[k].key);
+    }
+    PyMem_Free(stack);
+    return NULL;
 }
 
 static PyObject *

@@ -502,9 +502,9 @@ def nested(depth):
 
 
 def test_deep_nesting(pool_factory):
-    """Nesting up to Python's recursion limit freezes and reads back; deeper
-    data raises RecursionError and allocates nothing (documented limit)."""
-    depth = 300
+    """"Nested to any depth": deeper than Python's recursion limit (freeze and
+    thaw walk the structure with explicit stacks)."""
+    depth = sys.getrecursionlimit() * 5
     data = nested(depth)
     pool = pool_factory(Mode.RO, name=unique())
     h = pool.freeze(data)
@@ -527,10 +527,6 @@ def test_deep_nesting(pool_factory):
         level += 1
     assert level == depth
     assert_same(thawed, data)
-    before = pool.stats().allocations
-    with pytest.raises(RecursionError):
-        pool.freeze(nested(sys.getrecursionlimit() + 100))
-    assert pool.stats().allocations == before
 
 
 def test_shared_references_are_not_cycles(pool_factory):
