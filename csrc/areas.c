@@ -377,6 +377,14 @@ prmem_lock_range(void *addr, size_t len)
     return mlock(addr, len);
 }
 
+/* munlock() as a raw syscall, like the mlock2() above (a sanitizer's
+ * interposed munlock() may do nothing, leaving pages locked). */
+PRMEM_INTERNAL int
+prmem_unlock_range(void *addr, size_t len)
+{
+    return (int)syscall(SYS_munlock, addr, len);
+}
+
 PRMEM_INTERNAL size_t
 prmem_round_up_pages(size_t n)
 {
@@ -694,7 +702,7 @@ prmem_pool_release(PoolObject *pool)
         }
         if (ch->msealed) {
             if (pool->mlock_areas && ch->used > 0)
-                munlock(ch->base, ch->used);
+                prmem_unlock_range(ch->base, ch->used);
             __atomic_add_fetch(&leftover_chunks, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&leftover_bytes, ch->used, __ATOMIC_RELAXED);
         }

@@ -305,6 +305,7 @@ PRMEM_INTERNAL void *prmem_raise(const prmem_error *e); /* without a lock; NULL 
 PRMEM_INTERNAL int prmem_set_oserror(const char *syscall_name, int err);
 PRMEM_INTERNAL size_t prmem_round_up_pages(size_t n);
 PRMEM_INTERNAL int prmem_lock_range(void *addr, size_t len);
+PRMEM_INTERNAL int prmem_unlock_range(void *addr, size_t len);
 PRMEM_INTERNAL int prmem_protect_range(void *addr, size_t len, int prot);
 PRMEM_INTERNAL int prmem_area_open(PoolObject *pool, size_t need, prmem_error *e);
 PRMEM_INTERNAL int prmem_make_write_rare(PoolObject *pool, prmem_error *e);

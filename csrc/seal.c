@@ -285,7 +285,7 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
                           "%s); the pool is unchanged",
                           pool->cname, path, strerror(errno));
     if (pool->mlock_areas && ch->used > 0)
-        munlock(ch->base, ch->used); /* so re-locking stays within the limit */
+        prmem_unlock_range(ch->base, ch->used); /* re-locking stays within the limit */
     /* The used part readable, the unused tail inaccessible; neither mapping
      * has the right to become writable (no VM_MAYWRITE). */
     const char *what = "mmap";
