@@ -31,6 +31,8 @@ setup(
                 "csrc/seal.c",
                 "csrc/allocator.c",
                 "csrc/allocation.c",
+                "csrc/report.c",
+                "csrc/frozen_read.c",
                 "csrc/frozen.c",
                 "csrc/freeze.c",
                 "csrc/share.c",

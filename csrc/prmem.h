@@ -53,6 +53,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <string.h>
 
 /* Kernel interfaces older C libraries may not name. */
 #ifndef MFD_CLOEXEC
@@ -351,6 +352,10 @@ PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
 PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+
+/* report.c: Pool._stats() and Pool._verify(). */
+PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_verify(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,
@@ -433,5 +438,63 @@ typedef struct {
 PRMEM_INTERNAL uint64_t prmem_fz_hash(uint64_t seed, uint32_t tag, const void *data, size_t n);
 PRMEM_INTERNAL int prmem_fz_add_types(PyObject *module, prmem_module_state *st);
 PRMEM_INTERNAL PyObject *prmem_fz_encode(PyObject *module, PyObject *obj);
+
+/* frozen_read.c: the checked reader; frozen.c: the Python types on it. */
+typedef struct {
+    PyObject_HEAD
+    AllocationObject *alloc; /* strong: keeps the pool alive */
+    const char *base;
+    uint64_t size;
+    prmem_module_state *mstate;
+} prmem_extent;   /* pins the allocation holding a structure */
+
+typedef struct {
+    PyObject_HEAD
+    prmem_extent *extent;
+    uint64_t node; /* offset of this container's node: all a handle keeps */
+} prmem_frozen;   /* a FrozenMap or FrozenList handle */
+
+/* n bytes at off lie inside the extent */
+static inline int
+prmem_fz_inside(const prmem_extent *x, uint64_t off, uint64_t n)
+{
+    return off <= x->size && n <= x->size - off;
+}
+
+/* one load into a local: checked, then used */
+static inline uint64_t
+prmem_fz_load64(const prmem_extent *x, uint64_t off)
+{
+    uint64_t v;
+    memcpy(&v, x->base + off, 8);
+    return v;
+}
+
+static inline void
+prmem_fz_load_slot(const prmem_extent *x, uint64_t off, prmem_fz_slot *slot)
+{
+    memcpy(slot, x->base + off, sizeof(*slot));
+}
+
+/* a key can only be str, bytes or an int */
+static inline int
+prmem_fz_key_tag(uint32_t tag)
+{
+    return tag == PRMEM_FZ_STR || tag == PRMEM_FZ_BYTES || tag == PRMEM_FZ_INT ||
+           tag == PRMEM_FZ_BIGINT;
+}
+
+PRMEM_INTERNAL extern PyType_Spec prmem_extent_spec;
+PRMEM_INTERNAL prmem_extent *prmem_fz_extent_new(prmem_module_state *st, AllocationObject *alloc);
+PRMEM_INTERNAL void *prmem_fz_corrupt(const prmem_extent *x, const char *what, uint64_t at);
+PRMEM_INTERNAL int prmem_fz_map_node(const prmem_extent *x, uint64_t node, uint64_t *count,
+                                     uint64_t *nbuckets);
+PRMEM_INTERNAL int prmem_fz_list_node(const prmem_extent *x, uint64_t node, uint64_t *count);
+PRMEM_INTERNAL PyObject *prmem_fz_materialize(prmem_extent *x, const prmem_fz_slot *slot,
+                                              uint64_t parent);
+PRMEM_INTERNAL PyObject *prmem_fz_handle_new(prmem_extent *x, int tag, uint64_t node);
+PRMEM_INTERNAL int prmem_fz_map_find(prmem_frozen *h, PyObject *key, prmem_fz_slot *value,
+                                     uint64_t *value_off);
+PRMEM_INTERNAL PyObject *prmem_fz_thaw(prmem_extent *x, int tag, uint64_t node);
 
 #endif /* PRMEM_H */
