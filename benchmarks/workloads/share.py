@@ -242,7 +242,7 @@ def run(ctx: RunContext) -> Dict[str, Any]:
                         "unit": "ms", "target": "≤ 1 ms", "met": r["ready_ms_max"] <= 1.0,
                         "description": "receive + attach + first lookup, slowest worker"})
     for key, peer in (("prmem_map", "dict_spawn"), ("prmem_map", "dict_fork"),
-                      ("prmem_array", "numpy_spawn"), ("prmem_array", "shm")):
+                      ("prmem_array", "numpy_spawn")):
         if key in by and peer in by:
             targets.append({
                 "name": f"extra memory, {by[key]['label']} / {by[peer]['label']}",
