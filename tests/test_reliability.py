@@ -628,3 +628,20 @@ print("OK")
 def test_grandchild_of_a_snapshot_child_keeps_the_data():
     result = run_child(FORK_TWICE)
     assert result.returncode == 0, (result.returncode, result.stderr)
+
+
+@needs_memfd
+def test_destroy_frees_and_zeroes_the_pages(pool_factory):
+    pool = pool_factory(Mode.WR, name="punch-on-destroy", refill=1 << 20)
+    a = pool.alloc(1 << 20)
+    with memoryview(a) as view:
+        view[:] = b"\xab" * (1 << 20)
+    pool.protect()
+    kept = os.dup(pool_fds("punch-on-destroy")[0])  # as code that kept a descriptor would
+    try:
+        assert os.fstat(kept).st_blocks > 0
+        pool.destroy()
+        assert os.fstat(kept).st_blocks == 0        # the pages went back to the kernel
+        assert os.pread(kept, 1 << 20, 0) == bytes(1 << 20)
+    finally:
+        os.close(kept)
