@@ -268,6 +268,20 @@ fail_seal(PoolObject *pool, size_t ci, prmem_error *e, const char *what, int err
     return prmem_fail_os(e, what, err);
 }
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+/* Prefault [from, to) of the chunk mapped at base (best effort: kernels
+ * before 5.14 lack MADV_POPULATE_READ, and the pages then fault in on
+ * first read as before). */
+static int
+populate_range(void *base, off_t from, off_t to)
+{
+    madvise((char *)base + from, (size_t)(to - from), MADV_POPULATE_READ);
+    return 0;
+}
+
 /* memfd: re-map through a read-only descriptor, then let the kernel prove
  * that no writable mapping is left by adding F_SEAL_WRITE.  On success
  * *ro_fd is that read-only descriptor (the caller keeps or closes it). */
@@ -308,6 +322,10 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
     }
     if (pool->dontdump && ch->used > 0)
         madvise(ch->base, ch->used, MADV_DONTDUMP);
+    /* The re-map dropped the page-table entries: map the pages that hold
+     * data back in now, so the first read does not fault on every one
+     * (holes stay holes: populating them would allocate memory). */
+    prmem_for_each_data_range(ro, (off_t)ch->used, populate_range, ch->base);
     *ro_fd = ro;
     return 0;
 }
