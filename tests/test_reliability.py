@@ -645,3 +645,15 @@ def test_destroy_frees_and_zeroes_the_pages(pool_factory):
         assert os.pread(kept, 1 << 20, 0) == bytes(1 << 20)
     finally:
         os.close(kept)
+
+
+def test_info_reports_the_shmem_huge_page_setting():
+    from prmem.info import describe, shmem_thp
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            text = f.read()
+        expected = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        expected = "unknown"
+    assert shmem_thp() == expected
+    assert any(f"(shmem_enabled): {expected}" in line for line in describe())
