@@ -31,7 +31,11 @@
  *     callbacks, no exception creation.  An error is recorded as plain C
  *     values in a prmem_error and raised with prmem_raise() after unlocking;
  *     names come from pool->cname, a C copy made at __init__;
- *   - the GIL is never released, so a holder never waits for the GIL.
+ *   - the GIL is not released, so a holder never waits for the GIL; the
+ *     one exception is a rare write of PRMEM_RARE_WRITE_NOGIL bytes or more,
+ *     which releases the GIL around its pwrite() (pure C) and releases the
+ *     pool lock *before* taking the GIL back, so it still never waits for
+ *     the GIL while holding the lock.
  * A thread that must wait for a pool lock does not hold the GIL while it
  * waits (prmem_pool_lock() releases it and retries).  So the lock and the
  * GIL cannot deadlock, and no finaliser or signal handler can re-enter a
@@ -277,6 +281,9 @@ prmem_pool_lock(PoolObject *p)
 }
 
 #define POOL_LOCK(p) prmem_pool_lock(p)
+
+/* Rare writes at least this long release the GIL while the kernel copies. */
+#define PRMEM_RARE_WRITE_NOGIL ((size_t)64 << 10)
 #define POOL_UNLOCK(p) pthread_mutex_unlock(&(p)->lock)
 
 /*

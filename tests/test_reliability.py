@@ -657,3 +657,45 @@ def test_info_reports_the_shmem_huge_page_setting():
         expected = "unknown"
     assert shmem_thp() == expected
     assert any(f"(shmem_enabled): {expected}" in line for line in describe())
+
+
+LARGE_RARE_WRITES = """
+import threading
+pools = [Pool(Mode.WR, name="big-rare-%d" % i, refill=1 << 20) for i in range(2)]
+allocs = [p.alloc(256 << 10) for p in pools]
+for p in pools:
+    p.protect()
+errors = []
+def writer(k):
+    try:
+        for i in range(60):
+            a = allocs[(k + i) % 2]
+            fill = bytes([(k * 60 + i) % 251]) * len(a)
+            prmem.rare_write(a, fill)          # 256 KiB: the GIL is released meanwhile
+            assert len(set(bytes(a))) >= 1
+    except BaseException as e:
+        errors.append(e)
+threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+for _ in range(20):                  # fork while writes are in flight: no deadlock
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+for t in threads:
+    t.join()
+assert not errors, errors
+for a in allocs:
+    data = bytes(a)
+    assert data == data[:1] * len(data)      # each write is whole: one pwrite under the lock
+prmem.rare_write(allocs[0], b"\\x07" * (256 << 10))
+assert bytes(allocs[0]) == b"\\x07" * (256 << 10)
+print("OK")
+"""
+
+
+def test_large_rare_writes_release_the_gil_safely():
+    result = run_child(LARGE_RARE_WRITES, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip().endswith("OK")
