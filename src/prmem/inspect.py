@@ -78,6 +78,16 @@ def _smaps(pid: int) -> Iterator[tuple]:
                 header = None
 
 
+def _fields_and_path(header: str) -> tuple:
+    """The fields of an smaps header line, and its path without the
+    " (deleted)" that unlinked files (every memfd) carry."""
+    fields = header.split(maxsplit=5)
+    path = fields[5].strip() if len(fields) > 5 else ""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    return fields, path
+
+
 def mappings(pid: int) -> List[Mapping]:
     """prmem mappings of process ``pid`` (needs permission to read its smaps).
     Memory received from another process is named ``<pool> (attached from
@@ -86,25 +96,18 @@ def mappings(pid: int) -> List[Mapping]:
     entries = list(_smaps(pid))
     origins: Dict[tuple, str] = {}  # (start, inode) -> sender pid
     for header, _vmflags in entries:
-        fields = header.split(maxsplit=5)
-        path = fields[5].strip() if len(fields) > 5 else ""
+        fields, path = _fields_and_path(header)
         if path.startswith(_ATTACHED_PREFIX):
-            label = path[len(_ATTACHED_PREFIX):]
-            if label.endswith(" (deleted)"):
-                label = label[: -len(" (deleted)")]
-            parts = label.split(":", 3)
+            parts = path[len(_ATTACHED_PREFIX):].split(":", 3)
             if len(parts) == 4 and parts[1].isdigit():
                 try:
                     origins[(int(parts[0], 16), int(parts[1]))] = parts[2]
                 except ValueError:
                     pass
     for header, vmflags in entries:
-        fields = header.split(maxsplit=5)
-        path = fields[5].strip() if len(fields) > 5 else ""
+        fields, path = _fields_and_path(header)
         if path.startswith(_MEMFD_PREFIX):
             pool = path[len(_MEMFD_PREFIX):]
-            if pool.endswith(" (deleted)"):
-                pool = pool[: -len(" (deleted)")]
         elif path.startswith(_SECRET):
             pool = "(secret pool)"  # memfd_secret files carry no name
         else:
