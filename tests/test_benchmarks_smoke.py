@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "share"]
+WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "frozen", "share"]
 
 
 @pytest.mark.skipif(not (REPO / "benchmarks" / "__main__.py").is_file(),
@@ -41,3 +41,15 @@ def test_quick_benchmark_run_writes_report(tmp_path):
         assert "error" not in workload, workload.get("error")
         assert "rows" in workload and "notes" in workload
     assert (out / "latest.md").is_file()
+
+    # frozen: every lookup case has its rows, every target a value
+    frozen = document["workloads"]["frozen"]
+    cases = {r["dataset"] for r in frozen["rows"]}
+    assert cases == {"int", "int_hot", "str", "nested"}, cases
+    assert all(r["error"] is None for r in frozen["rows"]), [
+        (r["label"], r["error"]) for r in frozen["rows"] if r["error"]]
+    # frozendict and immutables are optional (prmem[bench]); dict, pickle and
+    # the memory measures are always there
+    own = [t for t in frozen["targets"]
+           if "frozendict" not in t["name"] and "immutables" not in t["name"]]
+    assert len(own) == 7 and all(t["value"] is not None for t in own), frozen["targets"]
