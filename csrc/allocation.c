@@ -98,11 +98,11 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
     PoolObject *pool = self->pool;
     POOL_LOCK(pool);
     pool->exports--;
-    prmem_release_if_pending(pool);
     if (view->internal != NULL) {
         pool->areas[self->area].wexports--;
         pool->wexports--;
     }
+    prmem_release_if_pending(pool); /* last: it may free the area table */
     POOL_UNLOCK(pool);
 }
 

@@ -204,8 +204,10 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
             return -1;
     }
     else if (PyLong_Check(key)) {
-        if (encode_int(enc, key, slot, &data, &n, &keep) < 0)
+        if (encode_int(enc, key, slot, &data, &n, &keep) < 0) {
+            Py_XDECREF(keep);
             return -1;
+        }
         if (slot->tag == PRMEM_FZ_INT) {
             word = slot->payload;
             data = (const char *)&word;
@@ -402,6 +404,9 @@ push_frame(encoder *enc, PyObject *obj, int kind, prmem_fz_slot *out)
 static int
 finish_list(encoder *enc, encoder_frame *f)
 {
+    /* user code (a Mapping's items()) may have changed the list meanwhile */
+    if (PySequence_Fast_GET_SIZE(f->seq) != f->n)
+        return data_error(enc, PyExc_ValueError, "changed size while being frozen", NULL, 0);
     size_t at = reserve(enc, 8 + (size_t)f->n * PRMEM_FZ_SLOT);
     if (at == (size_t)-1)
         return -1;

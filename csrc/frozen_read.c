@@ -483,6 +483,21 @@ spend(prmem_extent *x, uint64_t *budget, uint64_t n, uint64_t node)
     return 0;
 }
 
+/* Strings and bytes are copied out too: a blob counts len/16 (many slots
+ * pointing at one large blob would otherwise copy it again and again). */
+static int
+spend_blob(prmem_extent *x, uint64_t *budget, const prmem_fz_slot *slot)
+{
+    const unsigned char *raw = (const unsigned char *)slot;
+    uint64_t len;
+    if ((slot->tag != PRMEM_FZ_STR && slot->tag != PRMEM_FZ_BYTES &&
+         slot->tag != PRMEM_FZ_BIGINT) || (slot->tag != PRMEM_FZ_BIGINT && raw[4] != 0))
+        return 0; /* no blob: the slot itself was counted */
+    if (blob(x, slot->payload, &len) == NULL)
+        return -1;
+    return spend(x, budget, len / PRMEM_FZ_SLOT, slot->payload);
+}
+
 /* A container being thawed: an explicit stack, so any depth thaws without
  * recursion. */
 typedef struct {
@@ -569,7 +584,8 @@ thaw_tree(prmem_extent *x, int tag, uint64_t node, uint64_t *budget)
                 prmem_fz_corrupt(x, "map key of an unsupported type", e);
                 goto fail;
             }
-            if ((f->key = prmem_fz_materialize(x, &ks, f->node)) == NULL)
+            if (spend_blob(x, budget, &ks) < 0 ||
+                (f->key = prmem_fz_materialize(x, &ks, f->node)) == NULL)
                 goto fail;
         }
         if (slot.tag == PRMEM_FZ_LIST || slot.tag == PRMEM_FZ_MAP) {
@@ -594,7 +610,8 @@ thaw_tree(prmem_extent *x, int tag, uint64_t node, uint64_t *budget)
             depth++;
             continue;
         }
-        PyObject *value = prmem_fz_materialize(x, &slot, f->node);
+        PyObject *value = spend_blob(x, budget, &slot) < 0
+                              ? NULL : prmem_fz_materialize(x, &slot, f->node);
         if (value == NULL || thaw_store(f, value) < 0)
             goto fail;
     }
@@ -614,7 +631,9 @@ fail:
 PRMEM_INTERNAL PyObject *
 prmem_fz_thaw(prmem_extent *x, int tag, uint64_t node)
 {
-    uint64_t budget = x->size / PRMEM_FZ_SLOT;
+    /* a valid structure holds at most size/16 slots plus blobs of at most
+     * size bytes in all: size/8 covers both */
+    uint64_t budget = x->size / 8;
     return thaw_tree(x, tag, node, &budget);
 }
 

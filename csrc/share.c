@@ -23,7 +23,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#define REQUIRED_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+/* F_SEAL_WRITE, not just F_SEAL_FUTURE_WRITE: only the former proves that no
+ * writable mapping of the file is left anywhere (the kernel refuses to add
+ * it while one exists); a sender could keep one made before FUTURE_WRITE. */
+#define REQUIRED_SEALS (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 
 static prmem_module_state *
 module_state(PyObject *module)
@@ -126,7 +129,7 @@ export_pool(PyObject *module, PyObject *arg)
         PyObject *item = Py_BuildValue("(iKK)", fds[ci], (unsigned long long)sizes[ci],
                                        (unsigned long long)used[ci]);
         if (item == NULL || PyList_Append(list, item) < 0) {
-            for (size_t k = ci; k < n; k++)
+            for (size_t k = 0; k < n; k++) /* the caller gets none of them */
                 close(fds[k]);
             Py_CLEAR(list);
         }
@@ -197,8 +200,7 @@ check_incoming(prmem_module_state *st, const incoming *in, int *ro, struct stat 
         return prmem_fail(e, st->ProtectionError,
                           "received descriptor is not a memory file (memfd); refused");
     int seals = fcntl(in->fd, F_GET_SEALS);
-    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS ||
-        !(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)))
+    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS)
         return prmem_fail(e, st->ProtectionError,
                           "received memory file is not sealed against writing, resizing and "
                           "new seals (F_GET_SEALS = %#x); refused: it could change under "
@@ -248,25 +250,43 @@ static PyObject *
 attach(PyObject *module, PyObject *args)
 {
     prmem_module_state *st = module_state(module);
-    PyObject *pool_obj, *name, *list;
+    PyObject *pool_obj, *name, *items;
     int seal;
     long sender;
-    if (!PyArg_ParseTuple(args, "OUO!pl:attach", &pool_obj, &name, &PyList_Type, &list, &seal,
-                          &sender))
+    if (!PyArg_ParseTuple(args, "OOOpl:attach", &pool_obj, &name, &items, &seal, &sender))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(list);
+    /* a tuple copy: parsing an item may run user code (__index__) */
+    PyObject *list = PySequence_Tuple(items);
+    if (list == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(list);
     incoming *in = PyMem_Calloc((size_t)n + 1, sizeof(incoming));
-    if (in == NULL)
+    if (in == NULL) {
+        Py_DECREF(list);
         return PyErr_NoMemory();
-    for (Py_ssize_t i = 0; i < n; i++)
-        in[i].fd = -1;
+    }
     PyObject *result = NULL;
+    /* take every descriptor first, so each is closed whatever fails next */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(list, i);
+        in[i].fd = -1;
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 3 &&
+            PyLong_CheckExact(PyTuple_GET_ITEM(item, 0)))
+            in[i].fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if (in[i].fd == -1 && PyErr_Occurred())
+            PyErr_Clear();
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long fs, used;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "iKK", &in[i].fd, &fs, &used))
+        int fd;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(list, i), "iKK", &fd, &fs, &used))
             goto close_all;
         in[i].file_size = fs;
         in[i].used = used;
+    }
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "attach(): the name must be a str");
+        goto close_all;
     }
     if (!PyObject_TypeCheck(pool_obj, st->PoolType) || ((PoolObject *)pool_obj)->ready) {
         PyErr_SetString(PyExc_TypeError, "attach() fills a new, uninitialised prmem.Pool");
@@ -319,23 +339,23 @@ attach(PyObject *module, PyObject *args)
         ch->kind = PRMEM_BACKING_MEMFD;
         ch->dev = sb.st_dev;
         ch->ino = sb.st_ino;
-        if (seal && (prmem_features & PRMEM_FEAT_MSEAL)) {
-            if (prmem_sys_mseal(base, ch->used) < 0) {
-                rc = prmem_fail_os(&e, "mseal", errno);
-                munmap(base, ch->used);
-                close(ro);
-                break;
-            }
-            ch->msealed = 1;
-        }
         areas[done].start = base;
         areas[done].size = ch->used;
         areas[done].chunk = (uint32_t)done;
         areas[done].state = PRMEM_READ_ONLY;
         marks[done] = attach_mark(base, (unsigned long long)sb.st_ino, sender, cname);
     }
+    /* mseal() only once every chunk passed: sealed mappings can never be
+     * undone, so a refused chunk must not leave earlier ones behind */
+    for (Py_ssize_t i = 0; rc == 0 && seal && (prmem_features & PRMEM_FEAT_MSEAL) && i < n;
+         i++) {
+        if (prmem_sys_mseal(chunks[i].base, chunks[i].used) < 0)
+            rc = prmem_fail_os(&e, "mseal", errno); /* the ones before stay, sealed */
+        else
+            chunks[i].msealed = 1;
+    }
     if (rc < 0) {
-        /* nothing stays mapped */
+        /* nothing stays mapped (but what mseal() already sealed) */
         for (Py_ssize_t i = 0; i < done; i++) {
             if (!chunks[i].msealed)
                 munmap(chunks[i].base, chunks[i].used);
@@ -386,6 +406,7 @@ close_all:
         if (in[i].fd >= 0)
             close(in[i].fd);
     PyMem_Free(in);
+    Py_DECREF(list);
     return result;
 }
 

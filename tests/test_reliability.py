@@ -699,3 +699,39 @@ def test_large_rare_writes_release_the_gil_safely():
     result = run_child(LARGE_RARE_WRITES, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr)
     assert result.stdout.strip().endswith("OK")
+
+
+def test_view_released_after_a_deferred_destroy():
+    # leaving `with Pool()` on an exception defers destroy() to the last view
+    result = run_child("""
+        view = None
+        try:
+            with Pool(Mode.RO, name="deferred", refill=4096) as pool:
+                view = memoryview(pool.alloc(64))     # writable: WRITABLE memory
+                raise KeyError("original")
+        except KeyError:
+            pass
+        assert not pool.destroyed
+        view.release()                                # the pool goes now
+        assert pool.destroyed
+        print("OK")
+    """)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+
+
+def test_thaw_refuses_a_blob_shared_by_many_slots(pool_factory):
+    import struct
+    size, count = 1 << 20, 256
+    blob = struct.pack("<Q", size) + b"A" * size
+    node_off = 48 + len(blob)
+    node = struct.pack("<Q", count) + struct.pack("<IIQ", 7, 0, 48) * count
+    total = node_off + len(node)
+    header = struct.pack("<QQQQ", 0x00315a52464d5250, total, 1, 0) + \
+        struct.pack("<IIQ", 8, 0, node_off)
+    pool = pool_factory(Mode.RO, name="blob-amplifier")
+    a = pool.alloc(total)
+    a[:] = header + blob + node
+    forged = prmem._core.open_frozen(a)
+    with pytest.raises(prmem.CorruptionError, match="share"):
+        forged.thaw()
+    assert len(forged[0]) == size               # one item at a time is fine

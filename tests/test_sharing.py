@@ -337,3 +337,79 @@ def test_pool_arrays_travel_as_shared_memory(pool_factory):
         # any other array still travels as numpy pickles it
         assert workers.apply(array_facts, (numpy.ones(3),)) == (3.0, (3,), True, False)
     del workers, arr
+
+
+# ---------------------------------- found by the independent C review
+
+def test_future_write_seal_alone_is_refused():
+    """F_SEAL_FUTURE_WRITE leaves writable mappings made before it: a sender
+    could keep one and change what the receiver reads.  F_SEAL_WRITE is
+    required (the kernel refuses it while such a mapping exists)."""
+    import fcntl
+    fd = os.memfd_create("prmem:forged", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 65536)
+    writer = mmap.mmap(fd, 65536, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | 0x10
+                | fcntl.F_SEAL_SEAL)
+    a, b = socket.socketpair()
+    with a, b, writer:
+        forged_send(a, fd, 65536, 65536, kind="allocation",
+                    meta={"pool": "forged", "offset": 0, "size": 16})
+        os.close(fd)
+        with pytest.raises(prmem.ProtectionError, match="not sealed"):
+            prmem.recv(b)
+
+
+@pytest.mark.parametrize("meta", [None, [], {"offset": 0}, {"pool": 5}],
+                         ids=["null", "list", "no-pool", "pool-not-str"])
+def test_malformed_descriptions_leak_no_descriptor(meta):
+    a, b = socket.socketpair()
+    with a, b:
+        fd = memfd(all_seals())
+        payload = json.dumps({"kind": "allocation", "meta": meta, "pid": os.getpid(),
+                              "sizes": [[65536, 65536]]}).encode()
+        socket.send_fds(a, [struct.pack("<I", len(payload)) + payload], [fd])
+        os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(prmem.ProtectionError):
+            prmem.recv(b)
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_reattach_after_destroy_and_with_seal(table):
+    a, b = socket.socketpair()
+    with a, b:
+        prmem.send(a, table)
+        first = prmem.recv(b)
+        pool = first.pool
+        del first
+        gc.collect()
+        pool.destroy()
+        prmem.send(a, table)
+        again = prmem.recv(b)              # not the destroyed pool
+        assert not again.pool.destroyed and again["bob"]["role"] == "user"
+        if "mseal" in prmem.features:
+            prmem.send(a, table)
+            sealed = prmem.recv(b, seal=True)   # not the earlier unsealed attachment
+            assert sealed.pool.seal and sealed.pool is not again.pool
+
+
+def test_refused_chunk_leaves_no_sealed_mapping_behind(table):
+    if "mseal" not in prmem.features:
+        pytest.skip("kernel has no mseal()")
+    good = prmem.sharing._describe(table.pool)[2][0]
+    bad = memfd(0)
+    a, b = socket.socketpair()
+    with a, b:
+        payload = json.dumps({"kind": "pool", "meta": {"pool": "two"}, "pid": os.getpid(),
+                              "sizes": [[good[1], good[2]], [65536, 65536]]}).encode()
+        socket.send_fds(a, [struct.pack("<I", len(payload)) + payload], [good[0], bad])
+        os.close(good[0])
+        os.close(bad)
+        def policy_maps():
+            with open("/proc/self/maps") as f:
+                return [m for m in f if "shared-policy" in m]
+        before = policy_maps()
+        with pytest.raises(prmem.ProtectionError):
+            prmem.recv(b, seal=True)
+        assert policy_maps() == before

@@ -50,17 +50,26 @@ def _attach(name: str, chunks: List[Tuple[int, int, int]], sender: int,
     returns the pool and each chunk's index in it.  A chunk already attached
     here is reused, its new descriptor closed."""
     with _attached_lock:
+        for key in [k for k, (ref, _i) in _attached.items()
+                    if ref() is None or ref().destroyed]:  # type: ignore[union-attr]
+            del _attached[key]
         keys = []
-        for fd, _size, _used in chunks:
-            st = os.fstat(fd)
-            keys.append((st.st_dev, st.st_ino))
+        try:
+            for fd, _size, _used in chunks:
+                st = os.fstat(fd)
+                keys.append((st.st_dev, st.st_ino))
+        except OSError:
+            for fd, _size, _used in chunks:
+                os.close(fd)
+            raise
         known = [_attached.get(k) for k in keys]
         pools = [(ref(), index) for ref, index in (k for k in known if k is not None)]
-        if len(pools) == len(chunks) and all(p is not None for p, _ in pools):
-            if len({id(p) for p, _ in pools}) == 1:
-                for fd, _size, _used in chunks:
-                    os.close(fd)
-                return pools[0][0], [index for _, index in pools]  # type: ignore[return-value]
+        if (len(pools) == len(chunks) and all(p is not None for p, _ in pools)
+                and len({id(p) for p, _ in pools}) == 1
+                and (pools[0][0].seal or not seal)):  # type: ignore[union-attr]
+            for fd, _size, _used in chunks:
+                os.close(fd)
+            return pools[0][0], [index for _, index in pools]  # type: ignore[return-value]
         pool = Pool.__new__(Pool)
         _core.attach(pool, name, list(chunks), seal, sender)  # closes every fd
         for index, key in enumerate(keys):
@@ -89,21 +98,33 @@ def _describe(obj: Any) -> Tuple[str, Dict[str, Any], List[Tuple[int, int, int]]
 
 def _rebuild(kind: str, meta: Dict[str, Any], chunks: List[Tuple[int, int, int]],
              sender: int, seal: bool = False) -> Any:
-    """The receiving side: attach the chunks and rebuild the object."""
+    """The receiving side: attach the chunks and rebuild the object.  Takes
+    the descriptors: they are closed whatever happens."""
     try:
-        pool, indexes = _attach(meta["pool"], chunks, sender, seal or meta.get("seal", False))
-    except ProtectionError:
-        raise
+        name = meta["pool"]
+        if not isinstance(name, str):
+            raise TypeError("pool name")
+        want_seal = bool(seal or meta.get("seal", False))
+    except (KeyError, TypeError, AttributeError) as e:
+        for fd, _size, _used in chunks:
+            os.close(fd)
+        raise ProtectionError(f"malformed description of shared memory ({e}); refused") \
+            from None
+    pool, indexes = _attach(name, chunks, sender, want_seal)  # owns the fds from here
     if kind == "pool":
         return pool
-    alloc = _core.attached_allocation(pool, indexes[0], meta["offset"], meta["size"])
-    if kind == "allocation":
-        return alloc
     try:
-        return _core.open_frozen(alloc, meta["node"], meta["tag"])
-    except _core.CorruptionError as e:
-        raise ProtectionError(f"the frozen structure received from process {sender} is not "
-                              f"valid ({e}); refused") from e
+        alloc = _core.attached_allocation(pool, indexes[0], int(meta["offset"]),
+                                          int(meta["size"]))
+        if kind == "allocation":
+            return alloc
+        return _core.open_frozen(alloc, int(meta["node"]), int(meta["tag"]))
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, _core.CorruptionError):
+            raise ProtectionError(f"the frozen structure received from process {sender} is "
+                                  f"not valid ({e}); refused") from e
+        raise ProtectionError(f"malformed description of shared memory ({e}); refused") \
+            from None
 
 
 # ------------------------------------------------------ multiprocessing
@@ -124,7 +145,10 @@ def _mp_reduce(obj: Any) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
         dupfds = [reduction.DupFd(fd) for fd, _size, _used in chunks]
     except BaseException:
         for fd, _size, _used in chunks:
-            os.close(fd)
+            if popen is not None:  # some may already be handed to the child
+                util.Finalize(popen, os.close, (fd,))
+            else:
+                os.close(fd)
         raise
     for fd, _size, _used in chunks:
         if popen is not None:
@@ -208,7 +232,8 @@ def recv(sock: socket.socket, *, seal: bool = False) -> Any:
     (and ``mseal``ed with ``seal=True``).  A descriptor that is not a sealed
     memory file of the announced size, or a structure that does not hold
     together, raises ProtectionError and nothing stays mapped."""
-    message, fds, _flags, _addr = socket.recv_fds(sock, 65536, _MAX_FDS)
+    message, fds, _flags, _addr = socket.recv_fds(sock, 65536, _MAX_FDS,
+                                                  getattr(socket, "MSG_CMSG_CLOEXEC", 0))
     try:
         if len(message) < _HEADER.size:
             raise ProtectionError("prmem.recv(): the peer closed or sent no prmem message")
@@ -226,6 +251,9 @@ def recv(sock: socket.socket, *, seal: bool = False) -> Any:
             kind, meta, sizes, sender = desc["kind"], desc["meta"], desc["sizes"], desc["pid"]
             if kind not in ("pool", "frozen", "allocation") or len(sizes) != len(fds):
                 raise ValueError("descriptor count or kind")
+            if not isinstance(meta, dict) or not isinstance(meta.get("pool"), str):
+                raise ValueError("description")
+            sender = int(sender)
             chunks = [(fd, int(size), int(used)) for fd, (size, used) in zip(fds, sizes)]
         except (ValueError, KeyError, TypeError) as e:
             raise ProtectionError(f"prmem.recv(): malformed message ({e}); refused") from None
@@ -233,4 +261,4 @@ def recv(sock: socket.socket, *, seal: bool = False) -> Any:
         for fd in fds:
             os.close(fd)
         raise
-    return _rebuild(kind, meta, chunks, int(sender), seal)
+    return _rebuild(kind, meta, chunks, sender, seal)
