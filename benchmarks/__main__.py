@@ -19,7 +19,10 @@ from .harness import CpuLoadProbe, RunContext, busy_processes, machine_info
 from .report import text_table, try_import_pyplot, write_json, write_markdown
 from .workloads import WORKLOADS
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Untracked (.gitignore): a run leaves a fresh clone clean.  The copy that
+# docs/performance.md cites is benchmarks/results/, updated deliberately with
+# --out benchmarks/results.
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "local")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -33,8 +36,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run only these workloads (of: {', '.join(WORKLOADS)})")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
-                        help="where latest.json, latest.md and plots go "
-                             "(default: benchmarks/results)")
+                        help="where latest.json, latest.md and plots go (default: "
+                             "benchmarks/results/local, untracked; the committed copy is "
+                             "benchmarks/results)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     args = parser.parse_args(argv)
     if args.only:

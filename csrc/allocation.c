@@ -102,6 +102,7 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
         pool->areas[self->area].wexports--;
         pool->wexports--;
     }
+    prmem_release_if_pending(pool); /* last: it may free the area table */
     POOL_UNLOCK(pool);
 }
 
@@ -400,7 +401,21 @@ Allocation_repr(AllocationObject *self)
                                 pool->name, self->addr, self->size, prmem_state_name(state));
 }
 
+static PyObject *
+Allocation_reduce(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyErr_SetString(PyExc_TypeError,
+                    "cannot pickle a prmem.Allocation to bytes: protected memory travels "
+                    "only between live processes, as a descriptor. Pass it through "
+                    "multiprocessing (from a sealed Pool(share=True)) or use "
+                    "prmem.send()/prmem.recv(); bytes(a) is a plain copy");
+    return NULL;
+}
+
 static PyMethodDef Allocation_methods[] = {
+    {"__reduce__", (PyCFunction)Allocation_reduce, METH_NOARGS, NULL},
     {"write", (PyCFunction)(void (*)(void))Allocation_write, METH_FASTCALL | METH_KEYWORDS,
      "write(data, offset=0) -> None\n\n"
      "Copy bytes-like data into the allocation at offset.  Only while the\n"
@@ -520,10 +535,26 @@ ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
     PoolObject *pool = self->alloc->pool;
     POOL_LOCK(pool);
     pool->exports--;
+    prmem_release_if_pending(pool);
     POOL_UNLOCK(pool);
 }
 
+static PyObject *
+ReadOnlyBuffer_get_allocation(ReadOnlyBufferObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->alloc);
+    return (PyObject *)self->alloc;
+}
+
+static PyGetSetDef ReadOnlyBuffer_getset[] = {
+    {"allocation", (getter)ReadOnlyBuffer_get_allocation, NULL, "The allocation exported.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyType_Slot ReadOnlyBuffer_slots[] = {
+    {Py_tp_getset, ReadOnlyBuffer_getset},
     {Py_tp_doc, "ReadOnlyBuffer(allocation): a read-only buffer of the allocation."},
     {Py_tp_new, ReadOnlyBuffer_new},
     {Py_tp_dealloc, ReadOnlyBuffer_dealloc},

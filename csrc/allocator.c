@@ -205,6 +205,12 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     POOL_LOCK(self);
     if (prmem_check_changeable(self, &e) < 0)
         goto fail;
+    if (self->attached) {
+        prmem_fail(&e, self->mstate->ProtectionError,
+                   "prmem pool '%.200s' was received from another process: it is READ_ONLY "
+                   "here, and nothing can be allocated in it", self->cname);
+        goto fail;
+    }
     if (self->closed) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "%.200s is closed: allocations are only possible before "
@@ -303,13 +309,14 @@ static int
 Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"mode",   "name",     "refill", "align_order", "seal",
-                             "section", "secret", "dontdump", "lock",      NULL};
-    int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0;
+                             "section", "secret", "dontdump", "lock",      "share", NULL};
+    int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0,
+        share = 0;
     PyObject *name;
     Py_ssize_t refill;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|ppppp:Pool", kwlist, &mode, &name,
-                                     &refill, &align_order, &seal, &section, &secret,
-                                     &dontdump, &lock))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|pppppp:Pool", kwlist, &mode,
+                                     &name, &refill, &align_order, &seal, &section, &secret,
+                                     &dontdump, &lock, &share))
         return -1;
     prmem_module_state *st = state_from_type(Py_TYPE(self));
     if (st == NULL)
@@ -336,6 +343,12 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
         return -1;
     if (PyUnicode_FindChar(name, 0, 0, PyUnicode_GET_LENGTH(name), 1) >= 0) {
         PyErr_SetString(PyExc_ValueError, "pool name must not contain NUL");
+        return -1;
+    }
+    if (share && secret) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a secret pool cannot be shared: memfd_secret memory cannot be sealed "
+                        "by the kernel, so prmem never hands it to another process");
         return -1;
     }
     if (secret && !(prmem_features & PRMEM_FEAT_MEMFD_SECRET)) {
@@ -374,6 +387,7 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     self->mode = mode;
     self->align_order = align_order;
     self->seal = seal;
+    self->share = share;
     self->section = section;
     self->secret = secret;
     /* memfd_secret memory is always locked and never dumped */
@@ -565,6 +579,57 @@ Pool_finish_init(PoolObject *self, PyObject *unused)
     return PyBool_FromLong(!done);
 }
 
+static void warn_sealed_leftovers(void);
+
+/* With the lock held: give the memory back, for good. */
+static void
+release_locked(PoolObject *self)
+{
+    forget_fault_ranges(self);
+    prmem_pool_release(self);
+    self->destroyed = 1;
+    self->destroy_pending = 0;
+}
+
+/* With the lock held, after a view or a handle went away: a pool whose
+ * destruction was deferred (Pool._destroy_when_released) goes with its
+ * last one. */
+PRMEM_INTERNAL void
+prmem_release_if_pending(PoolObject *pool)
+{
+    if (pool->destroy_pending && pool->exports == 0 && pool->pins == 0 && !pool->destroyed)
+        release_locked(pool);
+}
+
+/* _destroy_when_released() -> bool: destroy now if nothing refers to the
+ * memory (True), else as soon as the last view or handle goes (False). */
+static PyObject *
+Pool_destroy_when_released(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    REFUSE_UNINITIALISED(self, NULL);
+    prmem_error e;
+    POOL_LOCK(self);
+    int now = 0, rc = 0;
+    if (self->section)
+        rc = prmem_fail(&e, self->mstate->ProtectionError,
+                        "%.200s cannot be destroyed: after-init sections live as long as the "
+                        "process", self->cname);
+    else if (!self->destroyed) {
+        self->destroy_pending = 1;
+        prmem_release_if_pending(self);
+        now = self->destroyed;
+    }
+    else
+        now = 1;
+    POOL_UNLOCK(self);
+    if (rc < 0)
+        return prmem_raise(&e);
+    if (now)
+        warn_sealed_leftovers();
+    return PyBool_FromLong(now);
+}
+
 /* seal=True memory of destroyed pools stays mapped and resident until the
  * process exits (mseal()ed ranges cannot be unmapped).  Say so once the
  * process has left PRMEM_SEALED_LEFTOVER_WARN such chunks behind, and again
@@ -609,118 +674,19 @@ Pool_destroy(PoolObject *self, PyObject *unused)
     }
     if (self->exports > 0 || self->pins > 0) {
         prmem_fail(&e, PyExc_BufferError,
-                   "cannot destroy pool '%.200s': %zd buffer view(s) and %zd frozen "
-                   "container(s) or array(s) of its memory are still alive; release them "
+                   "cannot destroy pool '%.200s': %zd buffer view(s) or array(s) and %zd "
+                   "frozen container(s) of its memory are still alive; release them "
                    "first (del them, or leave the `with memoryview(...)` block)",
                    self->cname, self->exports, self->pins);
         goto fail;
     }
-    forget_fault_ranges(self);
-    prmem_pool_release(self);
-    self->destroyed = 1;
+    release_locked(self);
     POOL_UNLOCK(self);
     warn_sealed_leftovers();
     Py_RETURN_NONE;
 fail:
     POOL_UNLOCK(self);
     return prmem_raise(&e);
-}
-
-/* Pool._verify() -> (count, [(area, start, end, problem, perms), ...]): what
- * /proc/self/maps shows that does not match the pool's areas (the first
- * 16 findings); Pool.verify() in Python turns them into ProtectionError. */
-static PyObject *
-Pool_verify(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    enum { MAX_FINDINGS = 16 };
-    prmem_verify_finding found[MAX_FINDINGS];
-    prmem_error e;
-    POOL_LOCK(self);
-    Py_ssize_t n = -1;
-    if (prmem_check_usable(self, &e) == 0)
-        n = prmem_verify(self, found, MAX_FINDINGS, &e);
-    POOL_UNLOCK(self);
-    if (n < 0)
-        return prmem_raise(&e);
-    PyObject *list = PyList_New(0);
-    for (Py_ssize_t i = 0; list != NULL && i < n && i < MAX_FINDINGS; i++) {
-        PyObject *item = Py_BuildValue("(nkkis)", (Py_ssize_t)found[i].area,
-                                       (unsigned long)found[i].start,
-                                       (unsigned long)found[i].end, found[i].problem,
-                                       found[i].perms);
-        if (item == NULL || PyList_Append(list, item) < 0)
-            Py_CLEAR(list);
-        Py_XDECREF(item);
-    }
-    if (list == NULL)
-        return NULL;
-    return Py_BuildValue("(nN)", n, list);
-}
-
-static int
-dict_set_size(PyObject *d, const char *key, size_t v)
-{
-    PyObject *o = PyLong_FromSize_t(v);
-    if (o == NULL)
-        return -1;
-    int rc = PyDict_SetItemString(d, key, o);
-    Py_DECREF(o);
-    return rc;
-}
-
-static PyObject *
-Pool_stats(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    PyObject *d = PyDict_New();
-    if (d == NULL)
-        return NULL;
-    size_t by_state[PRMEM_NSTATES] = {0, 0, 0};
-    size_t mapped = 0, reserved = 0, sealed_chunks = 0, free_bytes = 0, descriptors = 0;
-    prmem_error e;
-    POOL_LOCK(self);
-    if (prmem_check_usable(self, &e) < 0) {
-        POOL_UNLOCK(self);
-        Py_DECREF(d);
-        return prmem_raise(&e);
-    }
-    for (size_t i = 0; i < self->nareas; i++) {
-        by_state[self->areas[i].state]++;
-        mapped += self->areas[i].size;
-    }
-    for (size_t i = 0; i < self->nchunks; i++) {
-        reserved += self->chunks[i].size;
-        sealed_chunks += self->chunks[i].sealed != 0;
-        descriptors += self->chunks[i].fd >= 0;
-    }
-    if (self->cur_area >= 0)
-        free_bytes = self->areas[self->cur_area].size - self->cur_off;
-    size_t vals[] = {
-        self->nallocs, self->nareas, self->nchunks, sealed_chunks,
-        self->bytes_requested, mapped, reserved, self->bytes_lost, free_bytes,
-        by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
-        (size_t)self->exports, (size_t)self->wexports, (size_t)self->mode,
-        (size_t)self->secret, (size_t)self->dontdump, (size_t)self->lock_requested,
-        (size_t)self->seal, descriptors,
-    };
-    POOL_UNLOCK(self);
-    static const char *keys[] = {
-        "allocations", "areas", "chunks", "sealed_chunks",
-        "bytes_requested", "bytes_mapped", "bytes_reserved", "bytes_lost_to_protection",
-        "bytes_free", "areas_writable", "areas_write_rare", "areas_read_only",
-        "buffer_views", "writable_buffer_views", "mode",
-        "secret", "dontdump", "locked", "seal", "descriptors",
-    };
-    for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
-        if (dict_set_size(d, keys[i], vals[i]) < 0) {
-            Py_DECREF(d);
-            return NULL;
-        }
-    }
-    return d;
 }
 
 static PyObject *
@@ -793,10 +759,12 @@ static PyMethodDef Pool_methods[] = {
      "destroy() -> None\n\n"
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
-    {"_stats", (PyCFunction)Pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_stats", (PyCFunction)prmem_pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_destroy_when_released", (PyCFunction)Pool_destroy_when_released, METH_NOARGS,
+     "Destroy now, or as soon as the last buffer view and frozen handle go."},
     {"_alloc_init", (PyCFunction)Pool_alloc_init, METH_VARARGS,
      "_alloc_init(data, align_order) -> Allocation holding a copy of data."},
-    {"_verify", (PyCFunction)Pool_verify, METH_NOARGS,
+    {"_verify", (PyCFunction)prmem_pool_verify, METH_NOARGS,
      "Findings of the mapping check behind Pool.verify()."},
     {"_finish_init", (PyCFunction)Pool_finish_init, METH_NOARGS,
      "Sections: protect and close to allocations (prmem.mark_init_done())."},

@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -377,6 +378,14 @@ prmem_lock_range(void *addr, size_t len)
     return mlock(addr, len);
 }
 
+/* munlock() as a raw syscall, like the mlock2() above (a sanitizer's
+ * interposed munlock() may do nothing, leaving pages locked). */
+PRMEM_INTERNAL int
+prmem_unlock_range(void *addr, size_t len)
+{
+    return (int)syscall(SYS_munlock, addr, len);
+}
+
 PRMEM_INTERNAL size_t
 prmem_round_up_pages(size_t n)
 {
@@ -655,11 +664,18 @@ write_zeros(void *ctx, off_t from, off_t to)
     return 0;
 }
 
-/* Overwrite with zeros the pages of an unsealed chunk that hold data, so
- * its contents do not survive in freed pages. */
+/* Make the data of an unsealed chunk unrecoverable before it is released:
+ * punching a hole frees the pages and makes every later read of the file
+ * (through a descriptor someone kept) return zeros, in one call; the kernel
+ * zeroes freed pages before anyone else gets them.  Where the file cannot
+ * punch holes, its pages are overwritten with zeros instead. */
 static void
 zero_chunk_data(prmem_chunk *ch)
 {
+    if (ch->used == 0)
+        return;
+    if (fallocate(ch->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)ch->used) == 0)
+        return;
     prmem_for_each_data_range(ch->fd, (off_t)ch->used, write_zeros, &ch->fd);
 }
 
@@ -685,6 +701,16 @@ prmem_pool_release(PoolObject *pool)
 {
     for (size_t ci = 0; ci < pool->nchunks; ci++) {
         prmem_chunk *ch = &pool->chunks[ci];
+        /* Unmap first: the hole punched below then frees pages that no page
+         * table maps any more, which is cheaper than tearing both down. */
+        if (ch->msealed) {
+            if (pool->mlock_areas && ch->used > 0)
+                prmem_unlock_range(ch->base, ch->used);
+            __atomic_add_fetch(&leftover_chunks, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&leftover_bytes, ch->used, __ATOMIC_RELAXED);
+        }
+        else if (ch->size > 0)
+            munmap(ch->base, ch->size);
         if (ch->fd >= 0) {
             /* memfd_secret pages are zeroed by the kernel when freed */
             if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET)
@@ -692,15 +718,15 @@ prmem_pool_release(PoolObject *pool)
             close(ch->fd);
             ch->fd = -1;
         }
-        if (ch->msealed) {
-            if (pool->mlock_areas && ch->used > 0)
-                munlock(ch->base, ch->used);
-            __atomic_add_fetch(&leftover_chunks, 1, __ATOMIC_RELAXED);
-            __atomic_add_fetch(&leftover_bytes, ch->used, __ATOMIC_RELAXED);
-        }
-        else if (ch->size > 0)
-            munmap(ch->base, ch->size);
     }
+    /* the "attached from" markers of a pool received from elsewhere */
+    void **marks = pool->attach_marks;
+    for (size_t i = 0; i < pool->nattach_marks; i++)
+        if (marks[i] != NULL)
+            munmap(marks[i], prmem_page_size);
+    PyMem_RawFree(marks);
+    pool->attach_marks = NULL;
+    pool->nattach_marks = 0;
     PyMem_RawFree(pool->chunks);
     PyMem_RawFree(pool->areas);
     pool->chunks = NULL;

@@ -204,8 +204,14 @@ privatize_chunk(PoolObject *pool, size_t ci)
         if (a->chunk != ci)
             continue;
         int writable = a->state == PRMEM_WRITABLE || !prmem_enforce;
-        if (mprotect(a->start, a->size, writable ? PROT_READ | PROT_WRITE : PROT_READ) < 0)
+        if (mprotect(a->start, a->size, writable ? PROT_READ | PROT_WRITE : PROT_READ) < 0) {
+            /* the copy is mapped now, maybe still PROT_NONE in part: make it
+             * readable, so the snapshot the caller falls back to can read it */
+            int err = errno;
+            mprotect(ch->base, ch->used, PROT_READ);
+            errno = err;
             goto fail;
+        }
     }
     if (pool->dontdump)
         madvise(ch->base, ch->size, MADV_DONTDUMP);

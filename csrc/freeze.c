@@ -17,21 +17,25 @@
 #include <string.h>
 #include <sys/random.h>
 
+typedef struct encoder_frame encoder_frame;
+
 typedef struct {
     char *buf;
     size_t len, cap;
     uint64_t seed;
     PyObject *mapping_abc;
-    /* containers being encoded, for cycle detection */
-    PyObject **active;
-    size_t nactive, active_cap;
-    /* on a data error: the path from the failing value up, built on the
-     * way out of the recursion (so success costs nothing) */
-    PyObject *path;          /* list of keys / indexes, innermost last */
-    const char *problem;     /* static text */
+    /* containers being encoded, outermost first: an explicit stack, so the
+     * depth of the data is not limited by the C stack or recursion limit */
+    encoder_frame *frames;
+    size_t nframes, frames_cap;
+    PyObject *active_ids;    /* id()s of those containers: cycle detection */
+    /* on a data error: what went wrong; the path is read off the stack */
+    const char *problem;     /* static text, or NULL: an unsupported type */
     PyObject *culprit_type;  /* borrowed type of the offending object */
     PyObject *error_type;    /* PyExc_TypeError / PyExc_ValueError */
     int in_key;              /* the offending object is a key */
+    PyObject *dup_key;       /* a duplicate key found when a map is finished */
+    PyObject *path;          /* built from the stack when the error is raised */
 } encoder;
 
 /* Reserve n bytes (8-aligned) at the end of the buffer; returns the offset
@@ -85,6 +89,25 @@ put_blob(encoder *enc, const void *data, size_t n, uint64_t *off)
     return 0;
 }
 
+/* A str's UTF-8 (lone surrogates pass, as os.fsdecode() makes them); *keep
+ * owns the bytes when they had to be made. */
+static const char *
+str_utf8(PyObject *s, size_t *n, PyObject **keep)
+{
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(s, &len);
+    if (data == NULL) {
+        PyErr_Clear();
+        *keep = PyUnicode_AsEncodedString(s, "utf-8", "surrogatepass");
+        if (*keep == NULL)
+            return NULL;
+        data = PyBytes_AS_STRING(*keep);
+        len = PyBytes_GET_SIZE(*keep);
+    }
+    *n = (size_t)len;
+    return data;
+}
+
 /* A str or bytes value: inline in the slot when short, else a blob. */
 static int
 put_string(encoder *enc, uint32_t tag, const char *data, size_t n, prmem_fz_slot *slot)
@@ -100,8 +123,8 @@ put_string(encoder *enc, uint32_t tag, const char *data, size_t n, prmem_fz_slot
     return put_blob(enc, data, n, &slot->payload);
 }
 
-/* Record a data error (unsupported type, cycle, ...) to be reported with
- * its path at the top. */
+/* Record a data error (unsupported type, cycle, ...), reported with its
+ * path when the encoder unwinds. */
 static int
 data_error(encoder *enc, PyObject *error_type, const char *problem, PyObject *culprit,
            int in_key)
@@ -110,31 +133,6 @@ data_error(encoder *enc, PyObject *error_type, const char *problem, PyObject *cu
     enc->problem = problem;
     enc->culprit_type = culprit ? (PyObject *)Py_TYPE(culprit) : NULL;
     enc->in_key = in_key;
-    enc->path = PyList_New(0);
-    return -1;
-}
-
-/* On the way out of a failing child: prepend the child's key or index. */
-static int
-add_path(encoder *enc, PyObject *component)
-{
-    if (enc->path != NULL && PyList_Insert(enc->path, 0, component) < 0)
-        Py_CLEAR(enc->path);
-    return -1;
-}
-
-static int
-add_index_path(encoder *enc, Py_ssize_t i)
-{
-    if (enc->path == NULL)
-        return -1;
-    PyObject *index = PyLong_FromSsize_t(i);
-    if (index == NULL) {
-        Py_CLEAR(enc->path);
-        return -1;
-    }
-    add_path(enc, index);
-    Py_DECREF(index);
     return -1;
 }
 
@@ -193,15 +191,11 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
     PyObject *keep = NULL;
     uint64_t word;
     if (PyUnicode_Check(key)) {
-        Py_ssize_t len;
-        data = PyUnicode_AsUTF8AndSize(key, &len);
-        if (data == NULL) {
-            PyErr_Clear();
-            return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 1);
-        }
-        n = (size_t)len;
-        if (put_string(enc, PRMEM_FZ_STR, data, n, slot) < 0)
+        data = str_utf8(key, &n, &keep);
+        if (data == NULL || put_string(enc, PRMEM_FZ_STR, data, n, slot) < 0) {
+            Py_XDECREF(keep);
             return -1;
+        }
     }
     else if (PyBytes_Check(key)) {
         data = PyBytes_AS_STRING(key);
@@ -210,8 +204,10 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
             return -1;
     }
     else if (PyLong_Check(key)) {
-        if (encode_int(enc, key, slot, &data, &n, &keep) < 0)
+        if (encode_int(enc, key, slot, &data, &n, &keep) < 0) {
+            Py_XDECREF(keep);
             return -1;
+        }
         if (slot->tag == PRMEM_FZ_INT) {
             word = slot->payload;
             data = (const char *)&word;
@@ -223,80 +219,6 @@ encode_key(encoder *enc, PyObject *key, prmem_fz_slot *slot, uint64_t *hash)
     *hash = prmem_fz_hash(enc->seed, slot->tag, data, n);
     Py_XDECREF(keep);
     return 0;
-}
-
-static int encode_value(encoder *enc, PyObject *obj, prmem_fz_slot *out);
-
-static int
-enter_container(encoder *enc, PyObject *obj)
-{
-    for (size_t i = 0; i < enc->nactive; i++) {
-        if (enc->active[i] == obj)
-            return data_error(enc, PyExc_ValueError, "contains itself (a cycle)", NULL, 0);
-    }
-    if (enc->nactive == enc->active_cap) {
-        size_t cap = enc->active_cap ? enc->active_cap * 2 : 32;
-        PyObject **p = PyMem_Realloc(enc->active, cap * sizeof(PyObject *));
-        if (p == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        enc->active = p;
-        enc->active_cap = cap;
-    }
-    enc->active[enc->nactive++] = obj;
-    if (Py_EnterRecursiveCall(" while freezing nested data")) {
-        enc->nactive--;
-        return -1;
-    }
-    return 0;
-}
-
-static void
-leave_container(encoder *enc)
-{
-    Py_LeaveRecursiveCall();
-    enc->nactive--;
-}
-
-static int
-encode_list(encoder *enc, PyObject *seq, prmem_fz_slot *out)
-{
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    prmem_fz_slot *slots = PyMem_Calloc((size_t)n + 1, sizeof(prmem_fz_slot));
-    if (slots == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int rc = -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        /* the sequence may change under user code: re-check the size */
-        if (i >= PySequence_Fast_GET_SIZE(seq)) {
-            data_error(enc, PyExc_ValueError, "changed size while being frozen", NULL, 0);
-            goto done;
-        }
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
-        Py_INCREF(item);
-        int r = encode_value(enc, item, &slots[i]);
-        Py_DECREF(item);
-        if (r < 0) {
-            add_index_path(enc, i);
-            goto done;
-        }
-    }
-    size_t at = reserve(enc, 8 + (size_t)n * PRMEM_FZ_SLOT);
-    if (at == (size_t)-1)
-        goto done;
-    uint64_t count = (uint64_t)n;
-    memcpy(enc->buf + at, &count, 8);
-    if (n > 0)
-        memcpy(enc->buf + at + 8, slots, (size_t)n * PRMEM_FZ_SLOT);
-    out->tag = PRMEM_FZ_LIST;
-    out->payload = at;
-    rc = 0;
-done:
-    PyMem_Free(slots);
-    return rc;
 }
 
 typedef struct {
@@ -328,71 +250,18 @@ keys_equal(encoder *enc, const prmem_fz_slot *a, const prmem_fz_slot *b)
     return la == lb && memcmp(da, db, la) == 0;
 }
 
-/* items: a list of (key, value) pairs */
-static int
-encode_map(encoder *enc, PyObject *items, prmem_fz_slot *out)
-{
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    if ((uint64_t)n > PRMEM_FZ_MAX_INDEX)
-        return data_error(enc, PyExc_ValueError, "has too many entries", NULL, 0);
-    fz_entry *entries = PyMem_Calloc((size_t)n + 1, sizeof(fz_entry));
-    if (entries == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    uint32_t *index = NULL;
-    int rc = -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyList_GET_ITEM(items, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "freeze(): a Mapping's items() must give pairs");
-            goto done;
-        }
-        PyObject *key = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
-        if (encode_value(enc, value, &entries[i].value) < 0 ||
-            encode_key(enc, key, &entries[i].key, &entries[i].hash) < 0) {
-            add_path(enc, key);
-            goto done;
-        }
-    }
-    uint64_t nbuckets = 1;
-    while (nbuckets < 2 * (uint64_t)n)
-        nbuckets *= 2;
-    index = PyMem_Calloc((size_t)nbuckets, sizeof(uint32_t));
-    if (index == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t b = entries[i].hash & (nbuckets - 1);
-        while (index[b] != 0) {
-            fz_entry *other = &entries[index[b] - 1];
-            if (other->hash == entries[i].hash && keys_equal(enc, &other->key, &entries[i].key)) {
-                data_error(enc, PyExc_ValueError, "is a duplicate key", NULL, 1);
-                add_path(enc, PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0));
-                goto done;
-            }
-            b = (b + 1) & (nbuckets - 1);
-        }
-        index[b] = (uint32_t)(i + 1);
-    }
-    size_t node_size = 16 + (size_t)n * PRMEM_FZ_ENTRY + (size_t)nbuckets * 4;
-    size_t at = reserve(enc, node_size);
-    if (at == (size_t)-1)
-        goto done;
-    uint64_t header[2] = {(uint64_t)n, nbuckets};
-    memcpy(enc->buf + at, header, 16);
-    for (Py_ssize_t i = 0; i < n; i++)
-        memcpy(enc->buf + at + 16 + (size_t)i * PRMEM_FZ_ENTRY, &entries[i], PRMEM_FZ_ENTRY);
-    memcpy(enc->buf + at + 16 + (size_t)n * PRMEM_FZ_ENTRY, index, (size_t)nbuckets * 4);
-    out->tag = PRMEM_FZ_MAP;
-    out->payload = at;
-    rc = 0;
-done:
-    PyMem_Free(entries);
-    PyMem_Free(index);
-    return rc;
-}
+struct encoder_frame {
+    PyObject *obj;         /* the container (strong) */
+    PyObject *seq;         /* its items: PySequence_Fast, or a list of pairs */
+    PyObject *id;          /* its id(), in enc->active_ids */
+    int is_map;
+    Py_ssize_t n, next;    /* children, and the next to encode */
+    prmem_fz_slot *slots;  /* a list's children */
+    fz_entry *entries;     /* a map's entries */
+    prmem_fz_slot *out;    /* where the parent wants this container's slot */
+};
+
+enum { KIND_SCALAR, KIND_LIST, KIND_MAP };
 
 static int
 is_mapping(encoder *enc, PyObject *obj)
@@ -402,8 +271,25 @@ is_mapping(encoder *enc, PyObject *obj)
     return PyObject_IsInstance(obj, enc->mapping_abc);
 }
 
+/* What obj is: KIND_*, or -1 (an unsupported type is a data error). */
 static int
-encode_value(encoder *enc, PyObject *obj, prmem_fz_slot *out)
+classify(encoder *enc, PyObject *obj)
+{
+    if (obj == Py_None || PyBool_Check(obj) || PyLong_Check(obj) || PyFloat_Check(obj) ||
+        PyUnicode_Check(obj) || PyBytes_Check(obj))
+        return KIND_SCALAR;
+    if (PyList_Check(obj) || PyTuple_Check(obj))
+        return KIND_LIST;
+    int mapping = is_mapping(enc, obj);
+    if (mapping < 0)
+        return -1;
+    if (mapping)
+        return KIND_MAP;
+    return data_error(enc, PyExc_TypeError, NULL, obj, 0);
+}
+
+static int
+encode_scalar(encoder *enc, PyObject *obj, prmem_fz_slot *out)
 {
     memset(out, 0, sizeof(*out));
     if (obj == Py_None) {
@@ -429,40 +315,245 @@ encode_value(encoder *enc, PyObject *obj, prmem_fz_slot *out)
         return 0;
     }
     if (PyUnicode_Check(obj)) {
-        Py_ssize_t len;
-        const char *data = PyUnicode_AsUTF8AndSize(obj, &len);
-        if (data == NULL) {
-            PyErr_Clear();
-            return data_error(enc, PyExc_ValueError, "cannot be encoded as UTF-8", NULL, 0);
-        }
-        return put_string(enc, PRMEM_FZ_STR, data, (size_t)len, out);
-    }
-    if (PyBytes_Check(obj)) {
-        return put_string(enc, PRMEM_FZ_BYTES, PyBytes_AS_STRING(obj),
-                          (size_t)PyBytes_GET_SIZE(obj), out);
-    }
-    if (PyList_Check(obj) || PyTuple_Check(obj)) {
-        if (enter_container(enc, obj) < 0)
-            return -1;
-        PyObject *seq = PySequence_Fast(obj, "freeze(): not a sequence");
-        int rc = seq ? encode_list(enc, seq, out) : -1;
-        Py_XDECREF(seq);
-        leave_container(enc);
+        size_t len;
+        PyObject *keep = NULL;
+        const char *data = str_utf8(obj, &len, &keep);
+        int rc = data ? put_string(enc, PRMEM_FZ_STR, data, len, out) : -1;
+        Py_XDECREF(keep);
         return rc;
     }
-    int mapping = is_mapping(enc, obj);
-    if (mapping < 0)
+    return put_string(enc, PRMEM_FZ_BYTES, PyBytes_AS_STRING(obj),
+                      (size_t)PyBytes_GET_SIZE(obj), out);
+}
+
+static void
+drop_frame(encoder *enc, encoder_frame *f)
+{
+    if (f->id != NULL && PySet_Discard(enc->active_ids, f->id) < 0)
+        PyErr_Clear();
+    Py_XDECREF(f->id);
+    Py_XDECREF(f->seq);
+    Py_XDECREF(f->obj);
+    PyMem_Free(f->slots);
+    PyMem_Free(f->entries);
+}
+
+/* Start encoding container obj, whose slot goes to *out. */
+static int
+push_frame(encoder *enc, PyObject *obj, int kind, prmem_fz_slot *out)
+{
+    PyObject *id = PyLong_FromVoidPtr(obj);
+    if (id == NULL)
         return -1;
-    if (mapping) {
-        if (enter_container(enc, obj) < 0)
-            return -1;
-        PyObject *items = PyDict_CheckExact(obj) ? PyDict_Items(obj) : PyMapping_Items(obj);
-        int rc = items ? encode_map(enc, items, out) : -1;
-        Py_XDECREF(items);
-        leave_container(enc);
-        return rc;
+    int seen = PySet_Contains(enc->active_ids, id);
+    if (seen != 0) {
+        Py_DECREF(id);
+        return seen < 0 ? -1
+                        : data_error(enc, PyExc_ValueError, "contains itself (a cycle)", NULL, 0);
     }
-    return data_error(enc, PyExc_TypeError, NULL, obj, 0);
+    if (enc->nframes == enc->frames_cap) {
+        size_t cap = enc->frames_cap ? enc->frames_cap * 2 : 32;
+        encoder_frame *p = PyMem_Realloc(enc->frames, cap * sizeof(encoder_frame));
+        if (p == NULL) {
+            Py_DECREF(id);
+            PyErr_NoMemory();
+            return -1;
+        }
+        enc->frames = p;
+        enc->frames_cap = cap;
+    }
+    encoder_frame f;
+    memset(&f, 0, sizeof(f));
+    f.is_map = kind == KIND_MAP;
+    f.out = out;
+    Py_INCREF(obj);
+    f.obj = obj;
+    f.id = id;
+    if (PySet_Add(enc->active_ids, id) < 0) {
+        f.id = NULL;
+        Py_DECREF(id);
+        drop_frame(enc, &f);
+        return -1;
+    }
+    if (f.is_map)
+        f.seq = PyDict_CheckExact(obj) ? PyDict_Items(obj) : PyMapping_Items(obj);
+    else
+        f.seq = PySequence_Fast(obj, "freeze(): not a sequence");
+    if (f.seq == NULL) {
+        drop_frame(enc, &f);
+        return -1;
+    }
+    f.n = f.is_map ? PyList_GET_SIZE(f.seq) : PySequence_Fast_GET_SIZE(f.seq);
+    if (f.is_map && (uint64_t)f.n > PRMEM_FZ_MAX_INDEX) {
+        drop_frame(enc, &f);
+        return data_error(enc, PyExc_ValueError, "has too many entries", NULL, 0);
+    }
+    if (f.is_map)
+        f.entries = PyMem_Calloc((size_t)f.n + 1, sizeof(fz_entry));
+    else
+        f.slots = PyMem_Calloc((size_t)f.n + 1, sizeof(prmem_fz_slot));
+    if (f.entries == NULL && f.slots == NULL) {
+        drop_frame(enc, &f);
+        PyErr_NoMemory();
+        return -1;
+    }
+    enc->frames[enc->nframes++] = f;
+    return 0;
+}
+
+static int
+finish_list(encoder *enc, encoder_frame *f)
+{
+    /* user code (a Mapping's items()) may have changed the list meanwhile */
+    if (PySequence_Fast_GET_SIZE(f->seq) != f->n)
+        return data_error(enc, PyExc_ValueError, "changed size while being frozen", NULL, 0);
+    size_t at = reserve(enc, 8 + (size_t)f->n * PRMEM_FZ_SLOT);
+    if (at == (size_t)-1)
+        return -1;
+    uint64_t count = (uint64_t)f->n;
+    memcpy(enc->buf + at, &count, 8);
+    if (f->n > 0)
+        memcpy(enc->buf + at + 8, f->slots, (size_t)f->n * PRMEM_FZ_SLOT);
+    memset(f->out, 0, sizeof(*f->out));
+    f->out->tag = PRMEM_FZ_LIST;
+    f->out->payload = at;
+    return 0;
+}
+
+static int
+finish_map(encoder *enc, encoder_frame *f)
+{
+    Py_ssize_t n = f->n;
+    fz_entry *entries = f->entries;
+    uint64_t nbuckets = 1;
+    while (nbuckets < 2 * (uint64_t)n)
+        nbuckets *= 2;
+    uint32_t *index = PyMem_Calloc((size_t)nbuckets, sizeof(uint32_t));
+    if (index == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t b = entries[i].hash & (nbuckets - 1);
+        while (index[b] != 0) {
+            fz_entry *other = &entries[index[b] - 1];
+            if (other->hash == entries[i].hash && keys_equal(enc, &other->key, &entries[i].key)) {
+                data_error(enc, PyExc_ValueError, "is a duplicate key", NULL, 1);
+                enc->dup_key = PyTuple_GET_ITEM(PyList_GET_ITEM(f->seq, i), 0);
+                Py_INCREF(enc->dup_key);
+                goto done;
+            }
+            b = (b + 1) & (nbuckets - 1);
+        }
+        index[b] = (uint32_t)(i + 1);
+    }
+    size_t node_size = 16 + (size_t)n * PRMEM_FZ_ENTRY + (size_t)nbuckets * 4;
+    size_t at = reserve(enc, node_size);
+    if (at == (size_t)-1)
+        goto done;
+    uint64_t header[2] = {(uint64_t)n, nbuckets};
+    memcpy(enc->buf + at, header, 16);
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy(enc->buf + at + 16 + (size_t)i * PRMEM_FZ_ENTRY, &entries[i], PRMEM_FZ_ENTRY);
+    memcpy(enc->buf + at + 16 + (size_t)n * PRMEM_FZ_ENTRY, index, (size_t)nbuckets * 4);
+    memset(f->out, 0, sizeof(*f->out));
+    f->out->tag = PRMEM_FZ_MAP;
+    f->out->payload = at;
+    rc = 0;
+done:
+    PyMem_Free(index);
+    return rc;
+}
+
+/* After a data error: the path from the top level to the offending value,
+ * read off the stack (each frame's current child; a duplicate key for a
+ * map that was being finished). */
+static void
+build_path(encoder *enc, int finishing)
+{
+    enc->path = PyList_New(0);
+    for (size_t k = 0; enc->path != NULL && k < enc->nframes; k++) {
+        encoder_frame *f = &enc->frames[k];
+        PyObject *component;
+        if (finishing && k == enc->nframes - 1) {
+            if (enc->dup_key == NULL)
+                break;
+            component = enc->dup_key;
+            Py_INCREF(component);
+        }
+        else if (f->next == 0)
+            break;
+        else if (f->is_map)
+            component = PyTuple_GET_ITEM(PyList_GET_ITEM(f->seq, f->next - 1), 0),
+            Py_INCREF(component);
+        else
+            component = PyLong_FromSsize_t(f->next - 1);
+        if (component == NULL || PyList_Append(enc->path, component) < 0)
+            Py_CLEAR(enc->path);
+        Py_XDECREF(component);
+    }
+}
+
+/* Encode container obj into *out, depth-first without recursion: children
+ * are written before their parents. */
+static int
+encode_tree(encoder *enc, PyObject *obj, int kind, prmem_fz_slot *out)
+{
+    int finishing = 0;
+    if (push_frame(enc, obj, kind, out) < 0)
+        goto fail;
+    while (enc->nframes > 0) {
+        encoder_frame *f = &enc->frames[enc->nframes - 1];
+        if (f->next >= f->n) {
+            finishing = 1;
+            if ((f->is_map ? finish_map(enc, f) : finish_list(enc, f)) < 0)
+                goto fail;
+            finishing = 0;
+            drop_frame(enc, f);
+            enc->nframes--;
+            continue;
+        }
+        Py_ssize_t i = f->next++;
+        PyObject *child;
+        prmem_fz_slot *target;
+        if (f->is_map) {
+            PyObject *pair = PyList_GET_ITEM(f->seq, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                PyErr_SetString(PyExc_TypeError, "freeze(): a Mapping's items() must give pairs");
+                goto fail;
+            }
+            fz_entry *e = &f->entries[i];
+            if (encode_key(enc, PyTuple_GET_ITEM(pair, 0), &e->key, &e->hash) < 0)
+                goto fail;
+            child = PyTuple_GET_ITEM(pair, 1);
+            target = &e->value;
+        }
+        else {
+            /* the sequence may change under user code: re-check the size */
+            if (i >= PySequence_Fast_GET_SIZE(f->seq)) {
+                data_error(enc, PyExc_ValueError, "changed size while being frozen", NULL, 0);
+                goto fail;
+            }
+            child = PySequence_Fast_GET_ITEM(f->seq, i);
+            target = &f->slots[i];
+        }
+        Py_INCREF(child);
+        int child_kind = classify(enc, child);
+        int rc = child_kind < 0                ? -1
+                 : child_kind == KIND_SCALAR ? encode_scalar(enc, child, target)
+                                             : push_frame(enc, child, child_kind, target);
+        Py_DECREF(child);
+        if (rc < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    if (enc->error_type != NULL && !PyErr_Occurred())
+        build_path(enc, finishing);
+    while (enc->nframes > 0)
+        drop_frame(enc, &enc->frames[--enc->nframes]);
+    return -1;
 }
 
 /* "['alice']['nets'][2]" from the path list. */
@@ -506,9 +597,12 @@ raise_data_error(encoder *enc)
         Py_SETREF(where, PyUnicode_FromString("the top level"));
     if (where == NULL)
         return;
-    if (enc->problem == NULL) /* an unsupported type */
-        PyErr_Format(enc->error_type, "freeze(): %s at %U is a %s; %s", what, where,
-                     ((PyTypeObject *)enc->culprit_type)->tp_name, supported);
+    if (enc->problem == NULL) { /* an unsupported type */
+        const char *type_name = ((PyTypeObject *)enc->culprit_type)->tp_name;
+        const char *article = strchr("aeiouAEIOU", type_name[0]) ? "an" : "a";
+        PyErr_Format(enc->error_type, "freeze(): %s at %U is %s %s; %s", what, where, article,
+                     type_name, supported);
+    }
     else
         PyErr_Format(enc->error_type, "freeze(): %s at %U %s", what, where, enc->problem);
     Py_DECREF(where);
@@ -537,7 +631,10 @@ prmem_fz_encode(PyObject *module, PyObject *obj)
     if (reserve(&enc, PRMEM_FZ_HEADER) == (size_t)-1)
         goto done;
     prmem_fz_slot root;
-    if (encode_value(&enc, obj, &root) < 0) {
+    enc.active_ids = PySet_New(NULL);
+    if (enc.active_ids == NULL)
+        goto done;
+    if (encode_tree(&enc, obj, top_mapping ? KIND_MAP : KIND_LIST, &root) < 0) {
         if (enc.error_type != NULL && !PyErr_Occurred())
             raise_data_error(&enc);
         goto done;
@@ -548,7 +645,9 @@ prmem_fz_encode(PyObject *module, PyObject *obj)
     result = PyBytes_FromStringAndSize(enc.buf, (Py_ssize_t)enc.len);
 done:
     Py_XDECREF(enc.path);
+    Py_XDECREF(enc.dup_key);
+    Py_XDECREF(enc.active_ids);
     PyMem_Free(enc.buf);
-    PyMem_Free(enc.active);
+    PyMem_Free(enc.frames);
     return result;
 }

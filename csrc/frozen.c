@@ -1,496 +1,17 @@
 /*
- * Frozen containers: FrozenMap and FrozenList handles, read by C straight
- * from pool memory (layout: prmem.h and docs/frozen-layout.md).
- *
- * Trust nothing read from memory: the structure may have been scribbled
- * over while still WRITABLE, or come from somewhere hostile.  Every value
- * is loaded once into a local, then checked against the extent (the
- * allocation's bounds, which come from prmem's own tables) before use:
- * offsets, lengths, counts, bucket counts, indexes.  A container's children
- * must lie before it, so lookups and recursion always move towards the
- * start of the extent and terminate.  Probing is bounded by the bucket
- * count.  Anything off raises CorruptionError; nothing is read outside the
- * extent.
- *
- * Handles hold an Extent, which pins the allocation: the pool cannot be
- * destroyed (BufferError) while a handle is alive, so reads need no lock.
- * Nothing is cached in the handle but the node's offset: every answer is
- * read from the protected memory at the time of the call.
+ * Frozen containers, the Python side: the FrozenMap and FrozenList types
+ * (their C bases; prmem.frozen subclasses them), iteration, and opening a
+ * structure.  Every read goes through frozen_read.c, which checks it.
  */
 #include "prmem.h"
 
-#include <math.h>
 #include <string.h>
-
-/* ------------------------------------------------------------ hashing */
-
-static inline uint64_t
-fold_mul(uint64_t a, uint64_t b)
-{
-    __uint128_t r = (__uint128_t)a * b;
-    return (uint64_t)r ^ (uint64_t)(r >> 64);
-}
-
-static inline uint64_t
-load32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/*
- * The keys' hash: 64-bit multiply-fold mixing of 16-byte blocks, keyed by
- * the structure's seed (random per structure) and the key's tag, so equal
- * bytes of different key types (the str "a", the bytes b"a") differ and the
- * same key hashes the same in every process.  It reads exactly n bytes.
- * Only table placement depends on it: readers compare the stored hash and
- * then the key itself, so a weak hash costs speed, never correctness.
- */
-PRMEM_INTERNAL uint64_t
-prmem_fz_hash(uint64_t seed, uint32_t tag, const void *data, size_t n)
-{
-    static const uint64_t K0 = 0xa0761d6478bd642fULL, K1 = 0xe7037ed1a0b428dbULL,
-                          K2 = 0x8ebc6af09c88c6e3ULL, K3 = 0x589965cc75374cc3ULL;
-    const unsigned char *p = data;
-    uint64_t h = fold_mul(seed ^ K0, ((uint64_t)tag << 32 | (uint64_t)(uint32_t)n) ^ K1);
-    uint64_t a, b;
-    size_t left = n;
-    while (left > 16) {
-        memcpy(&a, p, 8);
-        memcpy(&b, p + 8, 8);
-        h = fold_mul(a ^ K2 ^ h, b ^ K3 ^ seed);
-        p += 16;
-        left -= 16;
-    }
-    /* the last 1..16 bytes as two words; the reads overlap rather than
-     * pass the end (the length is already mixed in) */
-    if (left >= 8) {
-        memcpy(&a, p, 8);
-        memcpy(&b, p + left - 8, 8);
-    }
-    else if (left >= 4) {
-        a = load32(p);
-        b = load32(p + left - 4);
-    }
-    else if (left > 0) {
-        a = (uint64_t)p[0] << 16 | (uint64_t)p[left >> 1] << 8 | p[left - 1];
-        b = 0;
-    }
-    else
-        a = b = 0;
-    h = fold_mul(a ^ K1 ^ h, b ^ K2 ^ seed);
-    return fold_mul(h ^ K3, h ^ K0 ^ (uint64_t)n);
-}
-
-/* ------------------------------------------------------------- extent */
-
-typedef struct {
-    PyObject_HEAD
-    AllocationObject *alloc; /* strong: keeps the pool alive */
-    const char *base;
-    uint64_t size;
-    prmem_module_state *mstate;
-} ExtentObject;
-
-typedef struct {
-    PyObject_HEAD
-    ExtentObject *extent;
-    uint64_t node; /* offset of this container's node */
-} FrozenObject;
-
-static void
-Extent_dealloc(ExtentObject *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    if (self->alloc != NULL) {
-        PoolObject *pool = self->alloc->pool;
-        POOL_LOCK(pool);
-        pool->pins--;
-        POOL_UNLOCK(pool);
-        Py_DECREF(self->alloc);
-    }
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
-static PyType_Slot Extent_slots[] = {
-    {Py_tp_dealloc, Extent_dealloc},
-    {Py_tp_doc, "Pins the allocation that holds a frozen structure."},
-    {0, NULL},
-};
-
-static PyType_Spec Extent_spec = {
-    .name = "prmem._core._Extent",
-    .basicsize = sizeof(ExtentObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = Extent_slots,
-};
-
-/* Pin alloc's memory: while the extent lives, destroy() refuses. */
-static ExtentObject *
-extent_new(prmem_module_state *st, AllocationObject *alloc)
-{
-    ExtentObject *x = PyObject_New(ExtentObject, st->ExtentType);
-    if (x == NULL)
-        return NULL;
-    x->alloc = NULL;
-    PoolObject *pool = alloc->pool;
-    prmem_error e;
-    POOL_LOCK(pool);
-    if (prmem_check_usable(pool, &e) < 0) {
-        POOL_UNLOCK(pool);
-        Py_DECREF(x);
-        return prmem_raise(&e);
-    }
-    pool->pins++;
-    POOL_UNLOCK(pool);
-    Py_INCREF(alloc);
-    x->alloc = alloc;
-    x->base = alloc->addr;
-    x->size = alloc->size;
-    x->mstate = pool->mstate;
-    return x;
-}
-
-/* ------------------------------------------------------ checked reads */
-
-static void *
-corrupt(const ExtentObject *x, const char *what, uint64_t at)
-{
-    PyErr_Format(x->mstate->CorruptionError,
-                 "frozen structure of prmem pool %R is corrupt: %s (at offset %llu of its "
-                 "%llu bytes); rebuild it",
-                 x->alloc->pool->name, what, (unsigned long long)at,
-                 (unsigned long long)x->size);
-    return NULL;
-}
-
-/* n bytes at off lie inside the extent */
-static inline int
-inside(const ExtentObject *x, uint64_t off, uint64_t n)
-{
-    return off <= x->size && n <= x->size - off;
-}
-
-static inline uint64_t
-load64(const ExtentObject *x, uint64_t off)
-{
-    uint64_t v;
-    memcpy(&v, x->base + off, 8); /* one load into a local: checked, then used */
-    return v;
-}
-
-static inline void
-load_slot(const ExtentObject *x, uint64_t off, prmem_fz_slot *slot)
-{
-    memcpy(slot, x->base + off, sizeof(*slot));
-}
-
-/* A map node at `node`: its count and bucket count, checked. */
-static int
-map_node(const ExtentObject *x, uint64_t node, uint64_t *count, uint64_t *nbuckets)
-{
-    if (node % 8 || !inside(x, node, 16))
-        return corrupt(x, "map node outside the structure", node), -1;
-    uint64_t n = load64(x, node), nb = load64(x, node + 8);
-    uint64_t room = x->size - node - 16;
-    if (n > room / PRMEM_FZ_ENTRY || n > PRMEM_FZ_MAX_INDEX)
-        return corrupt(x, "map entry count too large", node), -1;
-    room -= n * PRMEM_FZ_ENTRY;
-    if (nb == 0 || (nb & (nb - 1)) != 0 || nb > room / 4 || nb < n)
-        return corrupt(x, "bad map bucket count", node), -1;
-    *count = n;
-    *nbuckets = nb;
-    return 0;
-}
-
-static int
-list_node(const ExtentObject *x, uint64_t node, uint64_t *count)
-{
-    if (node % 8 || !inside(x, node, 8))
-        return corrupt(x, "list node outside the structure", node), -1;
-    uint64_t n = load64(x, node);
-    if (n > (x->size - node - 8) / PRMEM_FZ_SLOT)
-        return corrupt(x, "list length too large", node), -1;
-    *count = n;
-    return 0;
-}
-
-/* The bytes of a blob, checked; NULL with CorruptionError. */
-static const char *
-blob(const ExtentObject *x, uint64_t off, uint64_t *len)
-{
-    if (off % 8 || off < PRMEM_FZ_HEADER || !inside(x, off, 8))
-        return corrupt(x, "string offset outside the structure", off);
-    uint64_t n = load64(x, off);
-    if (n > x->size - off - 8)
-        return corrupt(x, "string longer than the structure", off);
-    *len = n;
-    return x->base + off + 8;
-}
-
-static PyObject *handle_new(ExtentObject *x, int tag, uint64_t node);
-
-/* The bytes of a str/bytes/big int slot: inline in the slot (data then
- * points into *slot, a local copy) or in a blob, checked. */
-static const char *
-slot_bytes(const ExtentObject *x, const prmem_fz_slot *slot, uint64_t *len)
-{
-    const unsigned char *raw = (const unsigned char *)slot;
-    if (raw[4] != 0) {
-        if (raw[4] - 1 > PRMEM_FZ_INLINE_MAX)
-            return corrupt(x, "inline string too long", 0);
-        *len = (uint64_t)(raw[4] - 1);
-        return (const char *)raw + 5;
-    }
-    return blob(x, slot->payload, len);
-}
-
-/* A Python object for a slot read from the node at `parent`. */
-static PyObject *
-materialize(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
-{
-    uint64_t p = slot->payload, len;
-    const char *data;
-    double d;
-    switch (slot->tag) {
-    case PRMEM_FZ_NONE:
-        Py_RETURN_NONE;
-    case PRMEM_FZ_FALSE:
-        Py_RETURN_FALSE;
-    case PRMEM_FZ_TRUE:
-        Py_RETURN_TRUE;
-    case PRMEM_FZ_INT:
-        return PyLong_FromLongLong((long long)p);
-    case PRMEM_FZ_FLOAT:
-        memcpy(&d, &p, 8);
-        return PyFloat_FromDouble(d);
-    case PRMEM_FZ_STR:
-        if ((data = slot_bytes(x, slot, &len)) == NULL)
-            return NULL;
-        {
-            PyObject *s = PyUnicode_DecodeUTF8(data, (Py_ssize_t)len, "strict");
-            if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-                PyErr_Clear();
-                return corrupt(x, "string is not valid UTF-8", p);
-            }
-            return s;
-        }
-    case PRMEM_FZ_BYTES:
-        if ((data = slot_bytes(x, slot, &len)) == NULL)
-            return NULL;
-        return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
-    case PRMEM_FZ_BIGINT: {
-        if ((data = blob(x, p, &len)) == NULL)
-            return NULL;
-        PyObject *raw = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
-        if (raw == NULL)
-            return NULL;
-        PyObject *from = PyObject_GetAttrString((PyObject *)&PyLong_Type, "from_bytes");
-        PyObject *args = Py_BuildValue("(Os)", raw, "little");
-        PyObject *kwargs = Py_BuildValue("{s:O}", "signed", Py_True);
-        PyObject *v = (from && args && kwargs) ? PyObject_Call(from, args, kwargs) : NULL;
-        Py_XDECREF(from);
-        Py_XDECREF(args);
-        Py_XDECREF(kwargs);
-        Py_DECREF(raw);
-        return v;
-    }
-    case PRMEM_FZ_LIST:
-    case PRMEM_FZ_MAP:
-        /* children lie before their parent: no cycles, whatever the data */
-        if (p % 8 || p < PRMEM_FZ_HEADER || p >= parent)
-            return corrupt(x, "nested container out of place", p);
-        return handle_new(x, (int)slot->tag, p);
-    default:
-        return corrupt(x, "unknown value tag", parent);
-    }
-}
-
-/* -------------------------------------------------------- lookup keys */
-
-typedef struct {
-    uint32_t tag;
-    const char *data;
-    size_t n;
-    uint64_t word;    /* FZ_INT value */
-    PyObject *keep;   /* owns data for big ints */
-} lookup_key;
-
-/* 1: key prepared; 0: no key of a supported type can equal it (KeyError);
- * -1: error (unhashable key: TypeError, as dict raises). */
-static int
-prep_key(PyObject *key, lookup_key *k)
-{
-    k->keep = NULL;
-    if (PyUnicode_Check(key)) {
-        Py_ssize_t n;
-        if (PyUnicode_IS_COMPACT_ASCII(key)) { /* its data is its UTF-8 */
-            k->tag = PRMEM_FZ_STR;
-            k->data = (const char *)PyUnicode_DATA(key);
-            k->n = (size_t)PyUnicode_GET_LENGTH(key);
-            return 1;
-        }
-        k->data = PyUnicode_AsUTF8AndSize(key, &n);
-        if (k->data == NULL) {
-            PyErr_Clear(); /* unencodable: could not have been frozen */
-            return 0;
-        }
-        k->tag = PRMEM_FZ_STR;
-        k->n = (size_t)n;
-        return 1;
-    }
-    if (PyBytes_Check(key)) {
-        k->tag = PRMEM_FZ_BYTES;
-        k->data = PyBytes_AS_STRING(key);
-        k->n = (size_t)PyBytes_GET_SIZE(key);
-        return 1;
-    }
-    PyObject *as_int = NULL;
-    if (PyLong_Check(key)) {
-        Py_INCREF(key);
-        as_int = key;
-    }
-    else if (PyFloat_Check(key) || PyComplex_Check(key)) {
-        /* dict semantics: 1.0 (and 1+0j) find the key 1 */
-        double d = PyFloat_Check(key) ? PyFloat_AS_DOUBLE(key) : PyComplex_RealAsDouble(key);
-        if (PyComplex_Check(key) && PyComplex_ImagAsDouble(key) != 0.0)
-            return 0;
-        if (!isfinite(d) || floor(d) != d)
-            return 0;
-        as_int = PyLong_FromDouble(d);
-        if (as_int == NULL)
-            return -1;
-    }
-    else {
-        return PyObject_Hash(key) == -1 ? -1 : 0;
-    }
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(as_int, &overflow);
-    if (!overflow) {
-        Py_DECREF(as_int);
-        if (v == -1 && PyErr_Occurred())
-            return -1;
-        k->tag = PRMEM_FZ_INT;
-        k->word = (uint64_t)v;
-        k->data = (const char *)&k->word;
-        k->n = 8;
-        return 1;
-    }
-    PyObject *bits = PyObject_CallMethod((PyObject *)&PyLong_Type, "bit_length", "O", as_int);
-    Py_ssize_t nbits = bits ? PyLong_AsSsize_t(bits) : -1;
-    Py_XDECREF(bits);
-    PyObject *meth = nbits >= 0 ? PyObject_GetAttrString((PyObject *)&PyLong_Type, "to_bytes")
-                                : NULL;
-    PyObject *args = meth ? Py_BuildValue("(Ons)", as_int, nbits / 8 + 1, "little") : NULL;
-    PyObject *kwargs = args ? Py_BuildValue("{s:O}", "signed", Py_True) : NULL;
-    PyObject *raw = kwargs ? PyObject_Call(meth, args, kwargs) : NULL;
-    Py_XDECREF(meth);
-    Py_XDECREF(args);
-    Py_XDECREF(kwargs);
-    Py_DECREF(as_int);
-    if (raw == NULL)
-        return -1;
-    k->keep = raw;
-    k->tag = PRMEM_FZ_BIGINT;
-    k->data = PyBytes_AS_STRING(raw);
-    k->n = (size_t)PyBytes_GET_SIZE(raw);
-    return 1;
-}
-
-/* memcmp() == 0, without a library call for the short keys that dominate */
-static inline int
-same_bytes(const char *a, const char *b, size_t n)
-{
-    if (n > 16)
-        return memcmp(a, b, n) == 0;
-    for (size_t i = 0; i < n; i++)
-        if (a[i] != b[i])
-            return 0;
-    return 1;
-}
-
-/*
- * Find `key` in the map node of `h`.  Returns 1 and the value slot (and
- * its offset) if present, 0 if absent, -1 on error.
- */
-static int
-map_find(FrozenObject *h, PyObject *key, prmem_fz_slot *value, uint64_t *value_off)
-{
-    ExtentObject *x = h->extent;
-    lookup_key k;
-    int prepared = prep_key(key, &k);
-    if (prepared <= 0)
-        return prepared;
-    int rc = -1;
-    uint64_t count, nb;
-    if (map_node(x, h->node, &count, &nb) < 0)
-        goto done;
-    uint64_t seed = load64(x, 16);
-    uint64_t hash = prmem_fz_hash(seed, k.tag, k.data, k.n);
-    uint64_t entries = h->node + 16, index = entries + count * PRMEM_FZ_ENTRY;
-    uint64_t b = hash & (nb - 1);
-    rc = 0;
-    for (uint64_t probes = 0; probes < nb; probes++, b = (b + 1) & (nb - 1)) {
-        uint32_t cell;
-        memcpy(&cell, x->base + index + b * 4, 4);
-        if (cell == 0)
-            break;
-        if (cell > count) {
-            corrupt(x, "map index points past the entries", index + b * 4);
-            rc = -1;
-            break;
-        }
-        uint64_t e = entries + (uint64_t)(cell - 1) * PRMEM_FZ_ENTRY;
-        if (load64(x, e + 2 * PRMEM_FZ_SLOT) != hash)
-            continue;
-        prmem_fz_slot ks;
-        load_slot(x, e, &ks);
-        if (ks.tag != k.tag)
-            continue;
-        if (k.tag == PRMEM_FZ_INT) {
-            if (ks.payload != k.word)
-                continue;
-        }
-        else {
-            uint64_t len;
-            const char *data = slot_bytes(x, &ks, &len);
-            if (data == NULL) {
-                rc = -1;
-                break;
-            }
-            if (len != k.n || !same_bytes(data, k.data, k.n))
-                continue;
-        }
-        load_slot(x, e + PRMEM_FZ_SLOT, value);
-        *value_off = e + PRMEM_FZ_SLOT;
-        rc = 1;
-        break;
-    }
-done:
-    Py_XDECREF(k.keep);
-    return rc;
-}
 
 /* ----------------------------------------------------------- handles */
 
-static PyObject *
-handle_new(ExtentObject *x, int tag, uint64_t node)
-{
-    prmem_module_state *st = x->mstate;
-    PyTypeObject *tp = tag == PRMEM_FZ_MAP ? st->FrozenMapType : st->FrozenListType;
-    FrozenObject *h = (FrozenObject *)tp->tp_alloc(tp, 0);
-    if (h == NULL)
-        return NULL;
-    Py_INCREF(x);
-    h->extent = x;
-    h->node = node;
-    return (PyObject *)h;
-}
 
 static void
-Frozen_dealloc(FrozenObject *self)
+Frozen_dealloc(prmem_frozen *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     if (PyType_IS_GC(tp))
@@ -511,21 +32,21 @@ Frozen_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
-Frozen_get_address(FrozenObject *self, void *closure)
+Frozen_get_address(prmem_frozen *self, void *closure)
 {
     (void)closure;
     return PyLong_FromVoidPtr((void *)self->extent->base);
 }
 
 static PyObject *
-Frozen_get_nbytes(FrozenObject *self, void *closure)
+Frozen_get_nbytes(prmem_frozen *self, void *closure)
 {
     (void)closure;
     return PyLong_FromUnsignedLongLong(self->extent->size);
 }
 
 static PyObject *
-Frozen_get_allocation(FrozenObject *self, void *closure)
+Frozen_get_allocation(prmem_frozen *self, void *closure)
 {
     (void)closure;
     Py_INCREF(self->extent->alloc);
@@ -533,7 +54,14 @@ Frozen_get_allocation(FrozenObject *self, void *closure)
 }
 
 static PyObject *
-Frozen_get_pool(FrozenObject *self, void *closure)
+Frozen_get_node(prmem_frozen *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->node);
+}
+
+static PyObject *
+Frozen_get_pool(prmem_frozen *self, void *closure)
 {
     (void)closure;
     Py_INCREF(self->extent->alloc->pool);
@@ -545,8 +73,10 @@ Frozen_reduce(PyObject *self, PyObject *unused)
 {
     (void)unused;
     PyErr_Format(PyExc_TypeError,
-                 "cannot pickle %.100s: frozen containers live in protected memory of this "
-                 "process; thaw() it for a plain copy", Py_TYPE(self)->tp_name);
+                 "cannot pickle %.100s to bytes: protected memory travels only between live "
+                 "processes, as a descriptor. Pass it through multiprocessing (from a sealed "
+                 "Pool(share=True)), use prmem.send()/prmem.recv(), or thaw() it for a "
+                 "plain copy", Py_TYPE(self)->tp_name);
     return NULL;
 }
 
@@ -564,31 +94,31 @@ set_key_error(PyObject *key)
 }
 
 static Py_ssize_t
-Map_length(FrozenObject *self)
+Map_length(prmem_frozen *self)
 {
     uint64_t count, nb;
-    if (map_node(self->extent, self->node, &count, &nb) < 0)
+    if (prmem_fz_map_node(self->extent, self->node, &count, &nb) < 0)
         return -1;
     return (Py_ssize_t)count;
 }
 
 static PyObject *
-Map_subscript(FrozenObject *self, PyObject *key)
+Map_subscript(prmem_frozen *self, PyObject *key)
 {
     prmem_fz_slot value;
     uint64_t at;
-    int found = map_find(self, key, &value, &at);
+    int found = prmem_fz_map_find(self, key, &value, &at);
     if (found < 0)
         return NULL;
     if (found == 0) {
         set_key_error(key);
         return NULL;
     }
-    return materialize(self->extent, &value, self->node);
+    return prmem_fz_materialize(self->extent, &value, self->node);
 }
 
 static int
-Map_ass_subscript(FrozenObject *self, PyObject *key, PyObject *value)
+Map_ass_subscript(prmem_frozen *self, PyObject *key, PyObject *value)
 {
     (void)key;
     (void)value;
@@ -601,15 +131,15 @@ Map_ass_subscript(FrozenObject *self, PyObject *key, PyObject *value)
 }
 
 static int
-Map_contains(FrozenObject *self, PyObject *key)
+Map_contains(prmem_frozen *self, PyObject *key)
 {
     prmem_fz_slot value;
     uint64_t at;
-    return map_find(self, key, &value, &at);
+    return prmem_fz_map_find(self, key, &value, &at);
 }
 
 static PyObject *
-Map_get(FrozenObject *self, PyObject *const *args, Py_ssize_t nargs)
+Map_get(prmem_frozen *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "get() takes 1 or 2 arguments");
@@ -617,7 +147,7 @@ Map_get(FrozenObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     prmem_fz_slot value;
     uint64_t at;
-    int found = map_find(self, args[0], &value, &at);
+    int found = prmem_fz_map_find(self, args[0], &value, &at);
     if (found < 0)
         return NULL;
     if (found == 0) {
@@ -625,16 +155,16 @@ Map_get(FrozenObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(dflt);
         return dflt;
     }
-    return materialize(self->extent, &value, self->node);
+    return prmem_fz_materialize(self->extent, &value, self->node);
 }
 
 /* _value_slot(key) -> (offset in the extent, tag) of key's value slot. */
 static PyObject *
-Map_value_slot(FrozenObject *self, PyObject *key)
+Map_value_slot(prmem_frozen *self, PyObject *key)
 {
     prmem_fz_slot value;
     uint64_t at;
-    int found = map_find(self, key, &value, &at);
+    int found = prmem_fz_map_find(self, key, &value, &at);
     if (found < 0)
         return NULL;
     if (found == 0) {
@@ -650,13 +180,13 @@ enum { ITER_KEYS, ITER_VALUES, ITER_ITEMS, ITER_LIST };
 
 typedef struct {
     PyObject_HEAD
-    FrozenObject *src;
+    prmem_frozen *src;
     uint64_t next;
     int kind;
 } FrozenIterObject;
 
 static PyObject *
-iter_new(FrozenObject *src, int kind)
+iter_new(prmem_frozen *src, int kind)
 {
     FrozenIterObject *it = PyObject_New(FrozenIterObject, src->extent->mstate->FrozenIterType);
     if (it == NULL)
@@ -680,32 +210,30 @@ Iter_dealloc(FrozenIterObject *self)
 static PyObject *
 Iter_next(FrozenIterObject *self)
 {
-    FrozenObject *h = self->src;
-    ExtentObject *x = h->extent;
+    prmem_frozen *h = self->src;
+    prmem_extent *x = h->extent;
     uint64_t count, nb;
     if (self->kind == ITER_LIST) {
-        if (list_node(x, h->node, &count) < 0 || self->next >= count)
+        if (prmem_fz_list_node(x, h->node, &count) < 0 || self->next >= count)
             return NULL;
         prmem_fz_slot slot;
-        load_slot(x, h->node + 8 + self->next++ * PRMEM_FZ_SLOT, &slot);
-        return materialize(x, &slot, h->node);
+        prmem_fz_load_slot(x, h->node + 8 + self->next++ * PRMEM_FZ_SLOT, &slot);
+        return prmem_fz_materialize(x, &slot, h->node);
     }
-    if (map_node(x, h->node, &count, &nb) < 0 || self->next >= count)
+    if (prmem_fz_map_node(x, h->node, &count, &nb) < 0 || self->next >= count)
         return NULL;
     uint64_t e = h->node + 16 + self->next++ * PRMEM_FZ_ENTRY;
     prmem_fz_slot ks, vs;
-    load_slot(x, e, &ks);
-    load_slot(x, e + PRMEM_FZ_SLOT, &vs);
+    prmem_fz_load_slot(x, e, &ks);
+    prmem_fz_load_slot(x, e + PRMEM_FZ_SLOT, &vs);
     if (self->kind == ITER_VALUES)
-        return materialize(x, &vs, h->node);
-    /* a key can only be str, bytes or an int */
-    if (ks.tag != PRMEM_FZ_STR && ks.tag != PRMEM_FZ_BYTES && ks.tag != PRMEM_FZ_INT &&
-        ks.tag != PRMEM_FZ_BIGINT)
-        return corrupt(x, "map key of an unsupported type", e);
-    PyObject *key = materialize(x, &ks, h->node);
+        return prmem_fz_materialize(x, &vs, h->node);
+    if (!prmem_fz_key_tag(ks.tag))
+        return prmem_fz_corrupt(x, "map key of an unsupported type", e);
+    PyObject *key = prmem_fz_materialize(x, &ks, h->node);
     if (key == NULL || self->kind == ITER_KEYS)
         return key;
-    PyObject *value = materialize(x, &vs, h->node);
+    PyObject *value = prmem_fz_materialize(x, &vs, h->node);
     if (value == NULL) {
         Py_DECREF(key);
         return NULL;
@@ -731,132 +259,50 @@ static PyType_Spec Iter_spec = {
 };
 
 static PyObject *
-Map_iter(FrozenObject *self)
+Map_iter(prmem_frozen *self)
 {
     return iter_new(self, ITER_KEYS);
 }
 
 static PyObject *
-Map_iter_items(FrozenObject *self, PyObject *unused)
+Map_iter_items(prmem_frozen *self, PyObject *unused)
 {
     (void)unused;
     return iter_new(self, ITER_ITEMS);
 }
 
 static PyObject *
-Map_iter_values(FrozenObject *self, PyObject *unused)
+Map_iter_values(prmem_frozen *self, PyObject *unused)
 {
     (void)unused;
     return iter_new(self, ITER_VALUES);
 }
 
-/* --------------------------------------------------------------- thaw */
-
-static PyObject *thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent);
-
-static PyObject *
-thaw_node(ExtentObject *x, int tag, uint64_t node)
-{
-    if (Py_EnterRecursiveCall(" while thawing a frozen container"))
-        return NULL;
-    PyObject *result = NULL;
-    uint64_t count, nb;
-    if (tag == PRMEM_FZ_LIST) {
-        if (list_node(x, node, &count) < 0)
-            goto done;
-        PyObject *list = PyList_New((Py_ssize_t)count);
-        if (list == NULL)
-            goto done;
-        for (uint64_t i = 0; i < count; i++) {
-            prmem_fz_slot slot;
-            load_slot(x, node + 8 + i * PRMEM_FZ_SLOT, &slot);
-            PyObject *v = thaw_value(x, &slot, node);
-            if (v == NULL) {
-                Py_DECREF(list);
-                goto done;
-            }
-            PyList_SET_ITEM(list, (Py_ssize_t)i, v);
-        }
-        result = list;
-    }
-    else {
-        if (map_node(x, node, &count, &nb) < 0)
-            goto done;
-        PyObject *dict = PyDict_New();
-        if (dict == NULL)
-            goto done;
-        for (uint64_t i = 0; i < count; i++) {
-            uint64_t e = node + 16 + i * PRMEM_FZ_ENTRY;
-            prmem_fz_slot ks, vs;
-            load_slot(x, e, &ks);
-            load_slot(x, e + PRMEM_FZ_SLOT, &vs);
-            if (ks.tag == PRMEM_FZ_LIST || ks.tag == PRMEM_FZ_MAP) {
-                corrupt(x, "map key of an unsupported type", e);
-                Py_DECREF(dict);
-                goto done;
-            }
-            PyObject *k = materialize(x, &ks, node);
-            PyObject *v = k ? thaw_value(x, &vs, node) : NULL;
-            if (v == NULL || PyDict_SetItem(dict, k, v) < 0) {
-                Py_XDECREF(k);
-                Py_XDECREF(v);
-                Py_DECREF(dict);
-                goto done;
-            }
-            Py_DECREF(k);
-            Py_DECREF(v);
-        }
-        result = dict;
-    }
-done:
-    Py_LeaveRecursiveCall();
-    return result;
-}
-
-static PyObject *
-thaw_value(ExtentObject *x, const prmem_fz_slot *slot, uint64_t parent)
-{
-    if (slot->tag == PRMEM_FZ_LIST || slot->tag == PRMEM_FZ_MAP) {
-        uint64_t p = slot->payload;
-        if (p % 8 || p < PRMEM_FZ_HEADER || p >= parent)
-            return corrupt(x, "nested container out of place", p);
-        return thaw_node(x, (int)slot->tag, p);
-    }
-    return materialize(x, slot, parent);
-}
-
-static PyObject *
-Map_thaw(FrozenObject *self, PyObject *unused)
-{
-    (void)unused;
-    return thaw_node(self->extent, PRMEM_FZ_MAP, self->node);
-}
-
 /* --------------------------------------------------------- FrozenList */
 
 static Py_ssize_t
-List_length(FrozenObject *self)
+List_length(prmem_frozen *self)
 {
     uint64_t count;
-    if (list_node(self->extent, self->node, &count) < 0)
+    if (prmem_fz_list_node(self->extent, self->node, &count) < 0)
         return -1;
     return (Py_ssize_t)count;
 }
 
 static PyObject *
-list_item(FrozenObject *self, uint64_t count, Py_ssize_t i)
+list_item(prmem_frozen *self, uint64_t count, Py_ssize_t i)
 {
     (void)count;
     prmem_fz_slot slot;
-    load_slot(self->extent, self->node + 8 + (uint64_t)i * PRMEM_FZ_SLOT, &slot);
-    return materialize(self->extent, &slot, self->node);
+    prmem_fz_load_slot(self->extent, self->node + 8 + (uint64_t)i * PRMEM_FZ_SLOT, &slot);
+    return prmem_fz_materialize(self->extent, &slot, self->node);
 }
 
 /* index -> a position in [0, count), or -1 with IndexError/TypeError */
 static Py_ssize_t
-list_index(FrozenObject *self, PyObject *index, uint64_t *count)
+list_index(prmem_frozen *self, PyObject *index, uint64_t *count)
 {
-    if (list_node(self->extent, self->node, count) < 0)
+    if (prmem_fz_list_node(self->extent, self->node, count) < 0)
         return -1;
     Py_ssize_t i = PyNumber_AsSsize_t(index, PyExc_IndexError);
     if (i == -1 && PyErr_Occurred())
@@ -871,7 +317,7 @@ list_index(FrozenObject *self, PyObject *index, uint64_t *count)
 }
 
 static PyObject *
-List_subscript(FrozenObject *self, PyObject *key)
+List_subscript(prmem_frozen *self, PyObject *key)
 {
     uint64_t count;
     if (PyIndex_Check(key)) {
@@ -879,7 +325,7 @@ List_subscript(FrozenObject *self, PyObject *key)
         return i < 0 ? NULL : list_item(self, count, i);
     }
     if (PySlice_Check(key)) {
-        if (list_node(self->extent, self->node, &count) < 0)
+        if (prmem_fz_list_node(self->extent, self->node, &count) < 0)
             return NULL;
         Py_ssize_t start, stop, step;
         if (PySlice_Unpack(key, &start, &stop, &step) < 0)
@@ -904,10 +350,10 @@ List_subscript(FrozenObject *self, PyObject *key)
 }
 
 static PyObject *
-List_sq_item(FrozenObject *self, Py_ssize_t i)
+List_sq_item(prmem_frozen *self, Py_ssize_t i)
 {
     uint64_t count;
-    if (list_node(self->extent, self->node, &count) < 0)
+    if (prmem_fz_list_node(self->extent, self->node, &count) < 0)
         return NULL;
     if (i < 0 || (uint64_t)i >= count) {
         PyErr_SetString(PyExc_IndexError, "FrozenList index out of range");
@@ -917,20 +363,27 @@ List_sq_item(FrozenObject *self, Py_ssize_t i)
 }
 
 static PyObject *
-List_iter(FrozenObject *self)
+List_iter(prmem_frozen *self)
 {
     return iter_new(self, ITER_LIST);
 }
 
 static PyObject *
-List_thaw(FrozenObject *self, PyObject *unused)
+List_thaw(prmem_frozen *self, PyObject *unused)
 {
     (void)unused;
-    return thaw_node(self->extent, PRMEM_FZ_LIST, self->node);
+    return prmem_fz_thaw(self->extent, PRMEM_FZ_LIST, self->node);
 }
 
 static PyObject *
-List_value_slot(FrozenObject *self, PyObject *index)
+Map_thaw(prmem_frozen *self, PyObject *unused)
+{
+    (void)unused;
+    return prmem_fz_thaw(self->extent, PRMEM_FZ_MAP, self->node);
+}
+
+static PyObject *
+List_value_slot(prmem_frozen *self, PyObject *index)
 {
     uint64_t count;
     Py_ssize_t i = list_index(self, index, &count);
@@ -938,7 +391,7 @@ List_value_slot(FrozenObject *self, PyObject *index)
         return NULL;
     uint64_t at = self->node + 8 + (uint64_t)i * PRMEM_FZ_SLOT;
     prmem_fz_slot slot;
-    load_slot(self->extent, at, &slot);
+    prmem_fz_load_slot(self->extent, at, &slot);
     return Py_BuildValue("(KI)", (unsigned long long)at, slot.tag);
 }
 
@@ -949,6 +402,7 @@ static PyGetSetDef Frozen_getset[] = {
      "Address of the first byte of the whole frozen structure.", NULL},
     {"nbytes", (getter)Frozen_get_nbytes, NULL, "Size of the whole frozen structure.", NULL},
     {"pool", (getter)Frozen_get_pool, NULL, "The pool holding the structure.", NULL},
+    {"_node", (getter)Frozen_get_node, NULL, "Offset of this container's node.", NULL},
     {"_allocation", (getter)Frozen_get_allocation, NULL,
      "The allocation holding the structure (for rare_set).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -982,7 +436,7 @@ static PyType_Slot Map_slots[] = {
 
 static PyType_Spec Map_spec = {
     .name = "prmem._core.FrozenMap",
-    .basicsize = sizeof(FrozenObject),
+    .basicsize = sizeof(prmem_frozen),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .slots = Map_slots,
 };
@@ -1011,39 +465,50 @@ static PyType_Slot List_slots[] = {
 
 static PyType_Spec List_spec = {
     .name = "prmem._core.FrozenList",
-    .basicsize = sizeof(FrozenObject),
+    .basicsize = sizeof(prmem_frozen),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .slots = List_slots,
 };
 
-/* _core.open_frozen(allocation) -> FrozenMap | FrozenList: check the header
- * and return a handle on the root. */
+/* _core.open_frozen(allocation, node=0, tag=0) -> FrozenMap | FrozenList:
+ * check the header and return a handle on the root, or on the container of
+ * type `tag` at offset `node` (a nested one passed to another process). */
 static PyObject *
-open_frozen(PyObject *module, PyObject *arg)
+open_frozen(PyObject *module, PyObject *args)
 {
     prmem_module_state *st = PyModule_GetState(module);
+    PyObject *arg;
+    unsigned long long node = 0;
+    unsigned int want_tag = 0;
+    if (!PyArg_ParseTuple(args, "O|KI:open_frozen", &arg, &node, &want_tag))
+        return NULL;
     if (!Py_IS_TYPE(arg, st->AllocationType)) {
         PyErr_SetString(PyExc_TypeError, "open_frozen() takes a prmem.Allocation");
         return NULL;
     }
-    ExtentObject *x = extent_new(st, (AllocationObject *)arg);
+    prmem_extent *x = prmem_fz_extent_new(st, (AllocationObject *)arg);
     if (x == NULL)
         return NULL;
     PyObject *root = NULL;
     prmem_fz_slot slot;
-    if (x->size < PRMEM_FZ_HEADER || load64(x, 0) != PRMEM_FZ_MAGIC)
-        corrupt(x, "not a frozen structure (bad magic)", 0);
-    else if (load64(x, 8) != x->size)
-        corrupt(x, "recorded size differs from the allocation", 8);
+    if (x->size < PRMEM_FZ_HEADER || prmem_fz_load64(x, 0) != PRMEM_FZ_MAGIC)
+        prmem_fz_corrupt(x, "not a frozen structure (bad magic)", 0);
+    else if (prmem_fz_load64(x, 8) != x->size)
+        prmem_fz_corrupt(x, "recorded size differs from the allocation", 8);
     else {
-        load_slot(x, 32, &slot);
+        prmem_fz_load_slot(x, 32, &slot);
         if (slot.tag != PRMEM_FZ_MAP && slot.tag != PRMEM_FZ_LIST)
-            corrupt(x, "root is not a container", 32);
+            prmem_fz_corrupt(x, "root is not a container", 32);
         else if (slot.payload % 8 || slot.payload < PRMEM_FZ_HEADER ||
                  slot.payload >= x->size)
-            corrupt(x, "root container out of place", 32);
+            prmem_fz_corrupt(x, "root container out of place", 32);
+        else if (want_tag == 0)
+            root = prmem_fz_handle_new(x, (int)slot.tag, slot.payload);
+        else if ((want_tag != PRMEM_FZ_MAP && want_tag != PRMEM_FZ_LIST) || node % 8 ||
+                 node < PRMEM_FZ_HEADER || node > slot.payload)
+            prmem_fz_corrupt(x, "nested container out of place", node);
         else
-            root = handle_new(x, (int)slot.tag, slot.payload);
+            root = prmem_fz_handle_new(x, (int)want_tag, node);
     }
     Py_DECREF(x);
     return root;
@@ -1075,7 +540,8 @@ freeze_encode(PyObject *module, PyObject *obj)
 }
 
 static PyMethodDef frozen_functions[] = {
-    {"open_frozen", open_frozen, METH_O, "Handle on the frozen structure in an allocation."},
+    {"open_frozen", open_frozen, METH_VARARGS,
+     "Handle on the frozen structure in an allocation (or on a nested container)."},
     {"freeze_encode", freeze_encode, METH_O, "The frozen layout of a Mapping or list, as bytes."},
     {"_set_frozen_types", set_frozen_types, METH_VARARGS,
      "Register prmem.FrozenMap/FrozenList as the types of new handles."},
@@ -1103,7 +569,7 @@ add_type(PyObject *module, PyType_Spec *spec, PyTypeObject **out, const char *at
 PRMEM_INTERNAL int
 prmem_fz_add_types(PyObject *module, prmem_module_state *st)
 {
-    if (add_type(module, &Extent_spec, &st->ExtentType, NULL) < 0 ||
+    if (add_type(module, &prmem_extent_spec, &st->ExtentType, NULL) < 0 ||
         add_type(module, &Iter_spec, &st->FrozenIterType, NULL) < 0 ||
         add_type(module, &Map_spec, &st->FrozenMapBase, "FrozenMap") < 0 ||
         add_type(module, &List_spec, &st->FrozenListBase, "FrozenList") < 0)
@@ -1121,3 +587,4 @@ prmem_fz_add_types(PyObject *module, prmem_module_state *st)
         return -1;
     return PyModule_AddFunctions(module, frozen_functions);
 }
+

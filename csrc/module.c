@@ -211,7 +211,7 @@ module_exec(PyObject *module)
     if (st->ProtectionError == NULL || st->PoolDestroyedError == NULL ||
         st->UnsupportedError == NULL || st->CorruptionError == NULL)
         return -1;
-    if (prmem_fz_add_types(module, st) < 0)
+    if (prmem_fz_add_types(module, st) < 0 || prmem_share_add_functions(module) < 0)
         return -1;
 
     PyObject *enforced = PyBool_FromLong(prmem_enforce);

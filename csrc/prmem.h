@@ -31,7 +31,11 @@
  *     callbacks, no exception creation.  An error is recorded as plain C
  *     values in a prmem_error and raised with prmem_raise() after unlocking;
  *     names come from pool->cname, a C copy made at __init__;
- *   - the GIL is never released, so a holder never waits for the GIL.
+ *   - the GIL is not released, so a holder never waits for the GIL; the
+ *     one exception is a rare write of PRMEM_RARE_WRITE_NOGIL bytes or more,
+ *     which releases the GIL around its pwrite() (pure C) and releases the
+ *     pool lock *before* taking the GIL back, so it still never waits for
+ *     the GIL while holding the lock.
  * A thread that must wait for a pool lock does not hold the GIL while it
  * waits (prmem_pool_lock() releases it and retries).  So the lock and the
  * GIL cannot deadlock, and no finaliser or signal handler can re-enter a
@@ -53,6 +57,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <string.h>
 
 /* Kernel interfaces older C libraries may not name. */
 #ifndef MFD_CLOEXEC
@@ -181,6 +186,11 @@ typedef struct PoolObject {
     int lock_requested;     /* lock=True or secret=True */
     int section;            /* ro_after_init / wr_after_init: never destroyed */
     int closed;             /* section after mark_init_done(): no allocations */
+    int share;              /* sealed chunks keep a read-only descriptor to pass on */
+    int destroy_pending;    /* destroy as soon as the last view and handle go */
+    int attached;           /* memory received from another process (share.c) */
+    void *attach_marks;     /* share.c: the "attached from" markers, to unmap */
+    size_t nattach_marks;
     size_t refill;          /* minimum area size, page-rounded */
     size_t next_chunk_size; /* reservation size for the next chunk */
     PyObject *name;         /* exact str (a copy, never a user subclass) */
@@ -197,7 +207,7 @@ typedef struct PoolObject {
     size_t bytes_lost;      /* tails of areas closed by protect()/make_ro() */
     Py_ssize_t exports;     /* buffer views alive, any kind */
     Py_ssize_t wexports;    /* writable buffer views alive */
-    Py_ssize_t pins;        /* frozen containers and read-only exporters alive */
+    Py_ssize_t pins;        /* frozen container extents alive (see frozen.c) */
     PyObject *weakreflist;
     /* registry of live pools, for fork handling (fork.c) */
     struct PoolObject *reg_prev, *reg_next;
@@ -271,6 +281,9 @@ prmem_pool_lock(PoolObject *p)
 }
 
 #define POOL_LOCK(p) prmem_pool_lock(p)
+
+/* Rare writes at least this long release the GIL while the kernel copies. */
+#define PRMEM_RARE_WRITE_NOGIL ((size_t)64 << 10)
 #define POOL_UNLOCK(p) pthread_mutex_unlock(&(p)->lock)
 
 /*
@@ -300,6 +313,7 @@ PRMEM_INTERNAL void *prmem_raise(const prmem_error *e); /* without a lock; NULL 
 PRMEM_INTERNAL int prmem_set_oserror(const char *syscall_name, int err);
 PRMEM_INTERNAL size_t prmem_round_up_pages(size_t n);
 PRMEM_INTERNAL int prmem_lock_range(void *addr, size_t len);
+PRMEM_INTERNAL int prmem_unlock_range(void *addr, size_t len);
 PRMEM_INTERNAL int prmem_protect_range(void *addr, size_t len, int prot);
 PRMEM_INTERNAL int prmem_area_open(PoolObject *pool, size_t need, prmem_error *e);
 PRMEM_INTERNAL int prmem_make_write_rare(PoolObject *pool, prmem_error *e);
@@ -311,6 +325,9 @@ PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
+
+/* share.c: sealed memory handed to and received from other processes. */
+PRMEM_INTERNAL int prmem_share_add_functions(PyObject *module);
 
 /* seal.c: READ_ONLY for good, and checking that mappings are still prmem's.
  * Same floor as areas.c; callers hold pool->lock. */
@@ -341,6 +358,11 @@ PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
+PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+
+/* report.c: Pool._stats() and Pool._verify(). */
+PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_verify(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,
@@ -423,5 +445,63 @@ typedef struct {
 PRMEM_INTERNAL uint64_t prmem_fz_hash(uint64_t seed, uint32_t tag, const void *data, size_t n);
 PRMEM_INTERNAL int prmem_fz_add_types(PyObject *module, prmem_module_state *st);
 PRMEM_INTERNAL PyObject *prmem_fz_encode(PyObject *module, PyObject *obj);
+
+/* frozen_read.c: the checked reader; frozen.c: the Python types on it. */
+typedef struct {
+    PyObject_HEAD
+    AllocationObject *alloc; /* strong: keeps the pool alive */
+    const char *base;
+    uint64_t size;
+    prmem_module_state *mstate;
+} prmem_extent;   /* pins the allocation holding a structure */
+
+typedef struct {
+    PyObject_HEAD
+    prmem_extent *extent;
+    uint64_t node; /* offset of this container's node: all a handle keeps */
+} prmem_frozen;   /* a FrozenMap or FrozenList handle */
+
+/* n bytes at off lie inside the extent */
+static inline int
+prmem_fz_inside(const prmem_extent *x, uint64_t off, uint64_t n)
+{
+    return off <= x->size && n <= x->size - off;
+}
+
+/* one load into a local: checked, then used */
+static inline uint64_t
+prmem_fz_load64(const prmem_extent *x, uint64_t off)
+{
+    uint64_t v;
+    memcpy(&v, x->base + off, 8);
+    return v;
+}
+
+static inline void
+prmem_fz_load_slot(const prmem_extent *x, uint64_t off, prmem_fz_slot *slot)
+{
+    memcpy(slot, x->base + off, sizeof(*slot));
+}
+
+/* a key can only be str, bytes or an int */
+static inline int
+prmem_fz_key_tag(uint32_t tag)
+{
+    return tag == PRMEM_FZ_STR || tag == PRMEM_FZ_BYTES || tag == PRMEM_FZ_INT ||
+           tag == PRMEM_FZ_BIGINT;
+}
+
+PRMEM_INTERNAL extern PyType_Spec prmem_extent_spec;
+PRMEM_INTERNAL prmem_extent *prmem_fz_extent_new(prmem_module_state *st, AllocationObject *alloc);
+PRMEM_INTERNAL void *prmem_fz_corrupt(const prmem_extent *x, const char *what, uint64_t at);
+PRMEM_INTERNAL int prmem_fz_map_node(const prmem_extent *x, uint64_t node, uint64_t *count,
+                                     uint64_t *nbuckets);
+PRMEM_INTERNAL int prmem_fz_list_node(const prmem_extent *x, uint64_t node, uint64_t *count);
+PRMEM_INTERNAL PyObject *prmem_fz_materialize(prmem_extent *x, const prmem_fz_slot *slot,
+                                              uint64_t parent);
+PRMEM_INTERNAL PyObject *prmem_fz_handle_new(prmem_extent *x, int tag, uint64_t node);
+PRMEM_INTERNAL int prmem_fz_map_find(prmem_frozen *h, PyObject *key, prmem_fz_slot *value,
+                                     uint64_t *value_off);
+PRMEM_INTERNAL PyObject *prmem_fz_thaw(prmem_extent *x, int tag, uint64_t node);
 
 #endif /* PRMEM_H */

@@ -58,6 +58,22 @@ rare_store(PoolObject *expect_pool, AllocationObject *dst, Py_ssize_t off, const
         else
             memset(to, fill_byte, n);
     }
+    else if (n >= PRMEM_RARE_WRITE_NOGIL) {
+        /* A large write lets other Python threads run while the kernel
+         * copies: the GIL is released around the write (pure C), and the
+         * pool lock is released before the GIL is taken back, so this
+         * thread never waits for the GIL while holding it (see prmem.h). */
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = prmem_file_write(pool, area, to, src, n, fill_byte, &e);
+        POOL_UNLOCK(pool);
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            prmem_raise(&e);
+            return -1;
+        }
+        return 0;
+    }
     else if (prmem_file_write(pool, area, to, src, n, fill_byte, &e) < 0)
         goto fail;
     POOL_UNLOCK(pool);

@@ -268,10 +268,25 @@ fail_seal(PoolObject *pool, size_t ci, prmem_error *e, const char *what, int err
     return prmem_fail_os(e, what, err);
 }
 
-/* memfd: re-map through a read-only descriptor, then let the kernel prove
- * that no writable mapping is left by adding F_SEAL_WRITE. */
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+/* Prefault [from, to) of the chunk mapped at base (best effort: kernels
+ * before 5.14 lack MADV_POPULATE_READ, and the pages then fault in on
+ * first read as before). */
 static int
-seal_memfd(PoolObject *pool, size_t ci, prmem_error *e)
+populate_range(void *base, off_t from, off_t to)
+{
+    madvise((char *)base + from, (size_t)(to - from), MADV_POPULATE_READ);
+    return 0;
+}
+
+/* memfd: re-map through a read-only descriptor, then let the kernel prove
+ * that no writable mapping is left by adding F_SEAL_WRITE.  On success
+ * *ro_fd is that read-only descriptor (the caller keeps or closes it). */
+static int
+seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
 {
     prmem_chunk *ch = &pool->chunks[ci];
     char path[64];
@@ -284,7 +299,7 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e)
                           "%s); the pool is unchanged",
                           pool->cname, path, strerror(errno));
     if (pool->mlock_areas && ch->used > 0)
-        munlock(ch->base, ch->used); /* so re-locking stays within the limit */
+        prmem_unlock_range(ch->base, ch->used); /* re-locking stays within the limit */
     /* The used part readable, the unused tail inaccessible; neither mapping
      * has the right to become writable (no VM_MAYWRITE). */
     const char *what = "mmap";
@@ -301,11 +316,17 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e)
         failed = fcntl(ch->fd, F_ADD_SEALS, seals) < 0;
     }
     int err = errno;
-    close(ro);
-    if (failed)
+    if (failed) {
+        close(ro);
         return fail_seal(pool, ci, e, what, err);
+    }
     if (pool->dontdump && ch->used > 0)
         madvise(ch->base, ch->used, MADV_DONTDUMP);
+    /* The re-map dropped the page-table entries: map the pages that hold
+     * data back in now, so the first read does not fault on every one
+     * (holes stay holes: populating them would allocate memory). */
+    prmem_for_each_data_range(ro, (off_t)ch->used, populate_range, ch->base);
+    *ro_fd = ro;
     return 0;
 }
 
@@ -341,8 +362,9 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     prmem_chunk *ch = &pool->chunks[ci];
     if (ch->sealed)
         return 0;
+    int ro_fd = -1;
     if (prmem_enforce) {
-        int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e)
+        int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e, &ro_fd)
                                                   : seal_unsealable(pool, ci, e);
         if (rc < 0)
             return -1;
@@ -359,8 +381,15 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     }
     ch->sealed = 1;
     pool->protect_event = 1;
+    /* Reading needs no descriptor.  A share=True pool keeps the read-only
+     * one, to pass the sealed memory to other processes: it can neither
+     * write nor map writable (O_RDONLY, F_SEAL_WRITE). */
     close(ch->fd);
     ch->fd = -1;
+    if (ro_fd >= 0 && pool->share)
+        ch->fd = ro_fd;
+    else if (ro_fd >= 0)
+        close(ro_fd);
     if (prmem_enforce && ch->size > ch->used) {
         if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
             return prmem_fail_os(e, "munmap", errno);

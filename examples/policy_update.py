@@ -11,63 +11,50 @@ on the pmalloc thread (seed 002):
   7.   if that worked, switch to the new one and destroy the old one;
   8.   if it failed, destroy the new one: the old one keeps serving.
 
-The policy data itself is never write-rare: it is read-only, and an update
-replaces it as a whole.  The only thing that has to change in place is the
-*reference* readers follow to find the current version, and that reference
-must be protected too, or an attacker would simply redirect it to forged,
-unprotected data.  prmem.ProtectedRef keeps that reference in write-rare
-memory and changes it with a single rare write.
+Each version is a FrozenMap made by Pool.freeze(): the rules, their index and
+every nested container live in the version's pool, so once it is protected
+nothing that decides a lookup's answer is in writable memory.  The policy is
+never write-rare: an update replaces it as a whole.  What has to change in
+place is the *reference* readers follow to the version in force, and that
+reference must be protected too, or an attacker would simply redirect it to
+forged, unprotected data: prmem.ProtectedRef keeps it in write-rare memory,
+and prmem.replace_pool_with() runs steps 6-8 around it.
 
 Run it (with prmem installed):  python examples/policy_update.py
 """
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import prmem
-from prmem import Mode, State
+from prmem import Mode
 
 
 class PolicyError(Exception):
     """A rule that does not parse."""
 
 
-class PolicyDB:
-    """One version of the policy: a protected pool plus the allocations
-    (one NUL-terminated rule each) that live in it."""
-
-    def __init__(self, version: int, rules: list[str]) -> None:
-        self.version = version
-        # Steps 1-3: a fresh pool, writable while we fill it.
-        self.pool = prmem.Pool(Mode.RO, name=f"policy-v{version}")
-        try:
-            self.rules = []
-            for rule in rules:
-                if rule.count(":") != 2:
-                    raise PolicyError(f"malformed rule {rule!r}")
-                self.rules.append(self.pool.strdup(rule))
-            # Step 4: everything read-only, sealed by the kernel.  From here
-            # on no write can change these bytes, not even one through
-            # mprotect() or the pool's file descriptor.
-            self.pool.protect()
-        except BaseException:
-            # Step 8: a version that failed to build is thrown away whole.
-            self.pool.destroy()
-            raise
-
-    def allows(self, subject: str, obj: str, perm: str) -> bool:
-        wanted = f"{subject}:{obj}:{perm}".encode()
-        return any(rule[:-1] == wanted for rule in self.rules)
-
-    def destroy(self) -> None:
-        self.pool.destroy()
+def parse(version: int, rules: list[str]) -> dict:
+    """"subject:object:perm" lines -> {"version": n, "allow": {subject: {object: [perm, ...]}}}"""
+    allow: dict = {}
+    for rule in rules:
+        parts = rule.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise PolicyError(f"malformed rule {rule!r}")
+        subject, obj, perm = parts
+        allow.setdefault(subject, {}).setdefault(obj, []).append(perm)
+    return {"version": version, "allow": allow}
 
 
-# The protected reference readers use to find the current policy.
+# The protected reference to the version in force: the FrozenMap itself.
+# Its record is in write-rare memory and changes only with a rare write, and
+# get() refuses a reference that no longer matches it.
 current = prmem.ProtectedRef()
-# Readers must not use a version while it is being destroyed: a lock is the
+# Readers must not use a version while it is being replaced: a lock is the
 # simplest way (the seed's point that users of write-rare must take care of
-# atomicity themselves).
+# atomicity themselves).  Readers keep no handle beyond a check, so the old
+# version's pool goes back as soon as an update is done.
 lock = threading.Lock()
 
 
@@ -76,21 +63,31 @@ def check(subject: str, obj: str, perm: str) -> bool:
     with lock:
         # get() verifies the Python-side reference against its write-rare
         # record and raises ProtectionError if it was tampered with.
-        return current.get().allows(subject, obj, perm)
+        policy = current.get()
+        # Every lookup runs in C on the protected pages; a missing key
+        # behaves as with a dict.
+        return perm in policy["allow"].get(subject, {}).get(obj, ())
 
 
 def update(version: int, rules: list[str]) -> bool:
     """Steps 6-8.  Returns True if the new version is now in force."""
-    try:
-        new = PolicyDB(version, rules)      # 1-4: build and protect
-    except PolicyError as exc:
-        print(f"update to v{version} rejected ({exc}); old policy still serving")
-        return False
+    candidate = None
+
+    def build(pool: prmem.Pool) -> prmem.FrozenMap:
+        nonlocal candidate
+        candidate = pool
+        return pool.freeze(parse(version, rules))  # 1-3 (PolicyError: step 8)
+
     with lock:
-        old = current.get()
-        current.set(new)                    # 7: one rare write swaps the reference
-        if old is not None:
-            old.destroy()                   # 7: the old version's pages go back
+        try:
+            # 4, 6-7: build, protect, one rare write points the reference at
+            # the new FrozenMap, the old version's pool (and its pages) goes.
+            prmem.replace_pool_with(current, build, name=f"policy-v{version}")
+        except PolicyError as exc:
+            # 8: replace_pool_with() destroyed the half-built version.
+            assert candidate is not None and candidate.destroyed
+            print(f"update to v{version} rejected ({exc}); old policy still serving")
+            return False
     print(f"policy v{version} in force ({len(rules)} rules)")
     return True
 
@@ -99,34 +96,39 @@ def main() -> None:
     assert update(1, ["httpd:web_content:read", "sshd:shadow:read"])
     assert check("httpd", "web_content", "read")
     assert not check("httpd", "shadow", "read")
-    v1 = current.get()
+    v1 = current.get().pool
 
-    # The live policy is read-only: neither the API nor a rare write can
-    # change it (a native write, e.g. ctypes.memmove, would die by SIGSEGV).
-    assert v1.rules[0].state is State.READ_ONLY
-    for attempt in (lambda: v1.rules[0].write(b"x"),
-                    lambda: prmem.rare_write(v1.rules[0], b"x")):
+    # The live policy is read-only: the handle refuses assignment, and a
+    # rare write to the protected version is refused too (a native write,
+    # e.g. ctypes.memmove(policy.address, ...), would die by SIGSEGV).
+    policy = current.get()
+    for attempt in (lambda: policy.__setitem__("allow", {}),
+                    lambda: policy.rare_set("version", 99)):
         try:
             attempt()
-        except prmem.ProtectionError:
-            pass
+        except (TypeError, prmem.ProtectionError) as exc:
+            print(f"refused: {type(exc).__name__}")
         else:
             raise AssertionError("the protected policy was modified")
+    assert policy["version"] == 1
+    del policy                              # readers keep no handle
 
     # A successful update: v2 takes over, v1 is destroyed.
     assert update(2, ["httpd:web_content:read", "httpd:logs:append"])
     assert check("httpd", "logs", "append")
-    assert v1.pool.destroyed
+    assert v1.destroyed
     v2 = current.get()
 
     # A failed update: the half-built v3 is destroyed, v2 keeps serving.
     assert not update(3, ["httpd:web_content:read", "this rule is broken"])
-    assert current.get() is v2 and not v2.pool.destroyed
-    assert check("httpd", "logs", "append")
+    assert current.get().pool is v2.pool and not v2.pool.destroyed
+    assert check("httpd", "logs", "append") and current.get()["version"] == 2
 
-    # Redirecting the reference behind prmem's back is detected, not followed.
-    forged = PolicyDB(99, ["attacker:everything:write"])
-    object.__setattr__(current, "_target", forged)
+    # Redirecting the reference behind prmem's back to a forged policy is
+    # detected, not followed.
+    forged = prmem.Pool(Mode.RO, name="forged")
+    forged_policy = forged.freeze(parse(99, ["attacker:everything:write"]))
+    object.__setattr__(current, "_target", forged_policy)
     try:
         check("attacker", "everything", "write")
     except prmem.ProtectionError:
@@ -134,17 +136,14 @@ def main() -> None:
     else:
         raise AssertionError("forged policy was used")
     current.set(v2)                         # put things back (legitimately)
+    del forged_policy
     forged.destroy()
 
-    # The same sequence in one call, when the reference points at the pool
-    # itself: prmem.replace_pool() builds, protects, swaps and destroys.
-    pool_ref = prmem.ProtectedRef()
-    first = prmem.replace_pool(pool_ref, lambda p: p.strdup("a:b:read"), name="pool-v1")
-    second = prmem.replace_pool(pool_ref, lambda p: p.strdup("a:b:write"), name="pool-v2")
-    assert pool_ref.get() is second and first.destroyed
-    second.destroy()
-
-    current.get().destroy()
+    # Shut down: drop the reference, then the pool can go.
+    pool = v2.pool
+    del v2
+    current.set(None)
+    pool.destroy()
     print("ok")
 
 

@@ -28,6 +28,9 @@ def _line_of(source: str, marker: str) -> int:
     return next(i for i, line in enumerate(full, 1) if marker in line)
 
 
+@pytest.mark.no_sanitizer("asserts that ctypes.memmove() faults on its first byte; ASan's "
+                          "memmove() interceptor copies backwards when the destination lies "
+                          "above the source, so the report (rightly) names the last byte")
 @pytest.mark.parametrize("mode, state", [("RO", "READ_ONLY"), ("WR", "WRITE_RARE")])
 def test_report_names_pool_state_address_and_python_line(mode, state):
     code = WRITER.format(mode=mode, before="print(hex(b.address), flush=True)")
@@ -156,7 +159,7 @@ pool.destroy()
 other = Pool(Mode.RO, name="other")  # a live pool too
 other.alloc(8)
 other.protect()
-ctypes.memmove(address + 8, b"evil", 4)
+ctypes.memmove(address + 8, b"e", 1)  # one byte: any memmove faults on it
 print("SURVIVED")
 """)
     assert proc.returncode == -signal.SIGSEGV

@@ -628,3 +628,110 @@ print("OK")
 def test_grandchild_of_a_snapshot_child_keeps_the_data():
     result = run_child(FORK_TWICE)
     assert result.returncode == 0, (result.returncode, result.stderr)
+
+
+@needs_memfd
+def test_destroy_frees_and_zeroes_the_pages(pool_factory):
+    pool = pool_factory(Mode.WR, name="punch-on-destroy", refill=1 << 20)
+    a = pool.alloc(1 << 20)
+    with memoryview(a) as view:
+        view[:] = b"\xab" * (1 << 20)
+    pool.protect()
+    kept = os.dup(pool_fds("punch-on-destroy")[0])  # as code that kept a descriptor would
+    try:
+        assert os.fstat(kept).st_blocks > 0
+        pool.destroy()
+        assert os.fstat(kept).st_blocks == 0        # the pages went back to the kernel
+        assert os.pread(kept, 1 << 20, 0) == bytes(1 << 20)
+    finally:
+        os.close(kept)
+
+
+def test_info_reports_the_shmem_huge_page_setting():
+    from prmem.info import describe, shmem_thp
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            text = f.read()
+        expected = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        expected = "unknown"
+    assert shmem_thp() == expected
+    assert any(f"(shmem_enabled): {expected}" in line for line in describe())
+
+
+LARGE_RARE_WRITES = """
+import threading
+pools = [Pool(Mode.WR, name="big-rare-%d" % i, refill=1 << 20) for i in range(2)]
+allocs = [p.alloc(256 << 10) for p in pools]
+for p in pools:
+    p.protect()
+errors = []
+def writer(k):
+    try:
+        for i in range(60):
+            a = allocs[(k + i) % 2]
+            fill = bytes([(k * 60 + i) % 251]) * len(a)
+            prmem.rare_write(a, fill)          # 256 KiB: the GIL is released meanwhile
+            assert len(set(bytes(a))) >= 1
+    except BaseException as e:
+        errors.append(e)
+threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+for _ in range(20):                  # fork while writes are in flight: no deadlock
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+for t in threads:
+    t.join()
+assert not errors, errors
+for a in allocs:
+    data = bytes(a)
+    assert data == data[:1] * len(data)      # each write is whole: one pwrite under the lock
+prmem.rare_write(allocs[0], b"\\x07" * (256 << 10))
+assert bytes(allocs[0]) == b"\\x07" * (256 << 10)
+print("OK")
+"""
+
+
+def test_large_rare_writes_release_the_gil_safely():
+    result = run_child(LARGE_RARE_WRITES, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_view_released_after_a_deferred_destroy():
+    # leaving `with Pool()` on an exception defers destroy() to the last view
+    result = run_child("""
+        view = None
+        try:
+            with Pool(Mode.RO, name="deferred", refill=4096) as pool:
+                view = memoryview(pool.alloc(64))     # writable: WRITABLE memory
+                raise KeyError("original")
+        except KeyError:
+            pass
+        assert not pool.destroyed
+        view.release()                                # the pool goes now
+        assert pool.destroyed
+        print("OK")
+    """)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+
+
+def test_thaw_refuses_a_blob_shared_by_many_slots(pool_factory):
+    import struct
+    size, count = 1 << 20, 256
+    blob = struct.pack("<Q", size) + b"A" * size
+    node_off = 48 + len(blob)
+    node = struct.pack("<Q", count) + struct.pack("<IIQ", 7, 0, 48) * count
+    total = node_off + len(node)
+    header = struct.pack("<QQQQ", 0x00315a52464d5250, total, 1, 0) + \
+        struct.pack("<IIQ", 8, 0, node_off)
+    pool = pool_factory(Mode.RO, name="blob-amplifier")
+    a = pool.alloc(total)
+    a[:] = header + blob + node
+    forged = prmem._core.open_frozen(a)
+    with pytest.raises(prmem.CorruptionError, match="share"):
+        forged.thaw()
+    assert len(forged[0]) == size               # one item at a time is fine

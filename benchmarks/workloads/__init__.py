@@ -24,8 +24,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import alloc, frozen, overhead, protect, rare_write, read
+from . import alloc, frozen, overhead, protect, rare_write, read, share
 
 #: name -> module, in the order they run.
 WORKLOADS: Dict[str, ModuleType] = {
-    mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead, frozen)}
+    mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead, frozen, share)}

@@ -25,6 +25,7 @@ from .errors import (
     UnsupportedError,
 )
 from .frozen import FrozenList, FrozenMap
+from .sharing import recv, send
 from .pool import (
     Allocation,
     Mode,
@@ -77,8 +78,10 @@ __all__ = [
     "page_size",
     "rare_memset",
     "rare_write",
+    "recv",
     "replace_pool",
     "replace_pool_with",
     "ro_after_init",
+    "send",
     "wr_after_init",
 ]

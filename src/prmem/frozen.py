@@ -31,7 +31,7 @@ _SLOT_FLOAT = struct.Struct("<IId")
 _INT64 = range(-(2 ** 63), 2 ** 63)
 
 _REBUILD = ("build a new version in a new pool and swap it in with "
-            "prmem.replace_pool()")
+            "prmem.replace_pool_with()")
 
 
 def _slot_for(value: Any) -> bytes:
@@ -109,13 +109,9 @@ class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
             return NotImplemented
         if len(self) != len(other):
             return False
-        for key, value in self.items():
-            try:
-                if other[key] != value:
-                    return False
-            except KeyError:
-                return False
-        return True
+        # one bounded walk of the protected structure (thaw() refuses
+        # corrupt data that would make a recursive comparison explode)
+        return self.thaw() == _plain(other)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -142,13 +138,25 @@ class FrozenList(_core.FrozenList, Sequence):  # type: ignore[misc, type-arg]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (list, tuple, FrozenList)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+            return len(self) == len(other) and self.thaw() == _plain(other)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"prmem.FrozenList({self.thaw()!r})"
+
+
+def _plain(obj: Any) -> Any:
+    """obj as thaw() would give it: dicts and lists all the way down, so a
+    FrozenList compares equal to a tuple and a FrozenMap to any Mapping."""
+    if isinstance(obj, (FrozenMap, FrozenList)):
+        return obj.thaw()
+    if isinstance(obj, Mapping):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(item) for item in obj]
+    return obj
 
 
 _core._set_frozen_types(FrozenMap, FrozenList)
@@ -159,6 +167,7 @@ def freeze(pool: Any, obj: Any) -> Union[FrozenMap, FrozenList]:
     data = _core.freeze_encode(obj)  # TypeError/ValueError before any allocation
     allocation = pool._alloc_init(data, 3)
     return _core.open_frozen(allocation)  # type: ignore[no-any-return]
+
 
 
 def array(pool: Any, data: Any = None, dtype: Any = None, *,
@@ -182,4 +191,6 @@ def array(pool: Any, data: Any = None, dtype: Any = None, *,
     # 64-byte alignment: what numpy and SIMD loops like
     allocation = pool._alloc_init(raw, 6)
     view = numpy.frombuffer(_core.ReadOnlyBuffer(allocation), dtype=source.dtype)
+    from .sharing import register_arrays
+    register_arrays(numpy)
     return view.reshape(source.shape)

@@ -24,6 +24,19 @@ def kernel_release() -> str:
     return os.uname().release
 
 
+def shmem_thp() -> str:
+    """The kernel's transparent-huge-page setting for shmem (memfd) memory:
+    the bracketed word of /sys/kernel/mm/transparent_hugepage/shmem_enabled,
+    or "unknown"."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else text.strip() or "unknown"
+
+
 def describe() -> List[str]:
     """Lines of the `prmem info` report."""
     import prmem
@@ -40,6 +53,9 @@ def describe() -> List[str]:
     for name, note in FEATURE_NOTES.items():
         mark = "yes" if name in prmem.features else "no "
         lines.append(f"  [{mark}] {name:<24} {note}")
+    lines.append(f"transparent huge pages for shared memory (shmem_enabled): {shmem_thp()}; "
+                 "prmem's memory files use 4 KiB pages unless it says advise, within_size "
+                 "or always")
     lines.append("caveats:")
     if "memfd" not in prmem.features:
         lines.append("  ! no memfd_create(): pools are backed by unnamed /dev/shm files, which "

@@ -24,6 +24,9 @@ import json
 from typing import Dict, Iterator, List, Optional
 
 _MEMFD_PREFIX = "/memfd:prmem:"
+# A page prmem maps next to memory received from another process, named
+# after its origin: prmem-attached:<address>:<inode>:<sender pid>:<pool name>
+_ATTACHED_PREFIX = "/memfd:prmem-attached:"
 _SECRET = "/secretmem"
 
 
@@ -39,6 +42,7 @@ class Mapping:
     offset: int = 0
     device: str = ""
     inode: int = 0
+    attached: bool = False  # received from another process (prmem.recv, multiprocessing)
 
     @property
     def size(self) -> int:
@@ -74,23 +78,47 @@ def _smaps(pid: int) -> Iterator[tuple]:
                 header = None
 
 
+def _fields_and_path(header: str) -> tuple:
+    """The fields of an smaps header line, and its path without the
+    " (deleted)" that unlinked files (every memfd) carry."""
+    fields = header.split(maxsplit=5)
+    path = fields[5].strip() if len(fields) > 5 else ""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    return fields, path
+
+
 def mappings(pid: int) -> List[Mapping]:
-    """prmem mappings of process ``pid`` (needs permission to read its smaps)."""
+    """prmem mappings of process ``pid`` (needs permission to read its smaps).
+    Memory received from another process is named ``<pool> (attached from
+    pid N)``."""
     found = []
-    for header, vmflags in _smaps(pid):
-        fields = header.split(maxsplit=5)
-        path = fields[5].strip() if len(fields) > 5 else ""
+    entries = list(_smaps(pid))
+    origins: Dict[tuple, str] = {}  # (start, inode) -> sender pid
+    for header, _vmflags in entries:
+        fields, path = _fields_and_path(header)
+        if path.startswith(_ATTACHED_PREFIX):
+            parts = path[len(_ATTACHED_PREFIX):].split(":", 3)
+            if len(parts) == 4 and parts[1].isdigit():
+                try:
+                    origins[(int(parts[0], 16), int(parts[1]))] = parts[2]
+                except ValueError:
+                    pass
+    for header, vmflags in entries:
+        fields, path = _fields_and_path(header)
         if path.startswith(_MEMFD_PREFIX):
             pool = path[len(_MEMFD_PREFIX):]
-            if pool.endswith(" (deleted)"):
-                pool = pool[: -len(" (deleted)")]
         elif path.startswith(_SECRET):
             pool = "(secret pool)"  # memfd_secret files carry no name
         else:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
+        inode = int(fields[4])
+        sender = origins.get((start - int(fields[2], 16), inode))
+        if sender is not None:
+            pool += f" (attached from pid {sender})"
         found.append(Mapping(pool, start, end, fields[1], vmflags, int(fields[2], 16),
-                             fields[3], int(fields[4])))
+                             fields[3], inode, sender is not None))
     return found
 
 
@@ -112,7 +140,10 @@ def anomalies(pid: int, maps: Optional[List[Mapping]] = None) -> List[str]:
     maps = mappings(pid) if maps is None else maps
     by_file: Dict[tuple, List[Mapping]] = {}
     for m in maps:
-        by_file.setdefault((m.device, m.inode), []).append(m)
+        # memory received from elsewhere is a legitimate second mapping of a
+        # file (of another process, or of this one when it sent to itself)
+        if not m.attached:
+            by_file.setdefault((m.device, m.inode), []).append(m)
     found = []
     others = None
     for group in by_file.values():

@@ -183,6 +183,12 @@ class Pool(_core.Pool):
     ``/proc/PID/mem``.  ``dontdump=True`` excludes a pool from core dumps;
     ``lock=True`` locks its areas in memory.  Locked memory counts against
     RLIMIT_MEMLOCK; exceeding it raises MemoryError naming that limit.
+
+    ``share=True`` keeps a read-only descriptor of each sealed chunk, so
+    the pool's READ_ONLY memory (and FrozenMaps, FrozenLists, Allocations
+    in it) can be passed to other processes: through multiprocessing, or
+    ``prmem.send()``/``prmem.recv()``.  Otherwise sealed memory keeps no
+    descriptor at all.
     """
 
     __slots__ = ()
@@ -198,6 +204,7 @@ class Pool(_core.Pool):
         secret: bool = False,
         dontdump: bool = False,
         lock: bool = False,
+        share: bool = False,
     ) -> None:
         mode = _to_mode(mode)
         if not isinstance(name, str):
@@ -214,7 +221,13 @@ class Pool(_core.Pool):
             raise ValueError(f"align_order must be between 0 and {_core.page_shift} "
                              f"(log2 of the page size), got {align_order}")
         super().__init__(int(mode), name, refill, align_order, bool(seal), False,
-                         bool(secret), bool(dontdump), bool(lock))
+                         bool(secret), bool(dontdump), bool(lock), bool(share))
+
+    @property
+    def attached(self) -> bool:
+        """True if this pool was received from another process (READ_ONLY
+        here; destroy() unmaps it in this process only)."""
+        return bool(_core.is_attached(self))
 
     @property
     def mode(self) -> Mode:
@@ -317,12 +330,19 @@ class Pool(_core.Pool):
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.destroy()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.destroy()
+        else:
+            # leaving because of an exception: never replace it with a
+            # BufferError; the pool goes when its last view or handle does
+            self._destroy_when_released()
 
     def __reduce__(self) -> Any:
-        raise TypeError("prmem pools cannot be pickled or copied: their memory is "
-                        "tied to this process")
+        raise TypeError("prmem pools cannot be pickled to bytes: protected memory travels "
+                        "only between live processes, as a descriptor. Pass a sealed "
+                        "Pool(share=True) (or a FrozenMap in one) through multiprocessing, "
+                        "or use prmem.send()/prmem.recv()")
 
     def __repr__(self) -> str:
         if self.destroyed:
@@ -526,9 +546,10 @@ def replace_pool(
     name: str = "pool",
     refill: int = 65536,
 ) -> Pool:
-    """See :func:`replace_pool_with`, which also returns what ``build``
-    returned; this returns the new pool only."""
-    return replace_pool_with(ref, build, mode=mode, name=name, refill=refill)[0]
+    """The policy-database update sequence (seed 002), in one call, with the
+    reference naming the pool: as :func:`replace_pool_with`, except that
+    ``ref`` always points at the new pool and only the pool is returned."""
+    return _replace(ref, build, False, mode, name, refill)[0]
 
 
 def replace_pool_with(
@@ -541,33 +562,41 @@ def replace_pool_with(
 ) -> Tuple[Pool, Any]:
     """The policy-database update sequence (seed 002), in one call.
 
-    Build a new version in a fresh pool with ``build(pool)``, protect it,
-    point ``ref`` at it with one rare write, then destroy the pool ``ref``
-    pointed to before (if it was a Pool).  If ``build`` or ``protect()``
-    fails, the new pool is destroyed and the old one keeps serving.  Returns
-    ``(new pool, what build returned)`` — typically the new version's
-    FrozenMap.  Readers must not keep handles or allocations of the old pool
-    past the swap; serialise them with your own lock if they may (while one
-    is alive the old pool cannot be destroyed, and this raises BufferError
-    after the swap).
+    Build a new version in a fresh pool with ``built = build(pool)``, protect
+    it, point ``ref`` at it with one rare write, then destroy the pool ``ref``
+    pointed into before.  ``ref`` points at ``built`` if that is a
+    FrozenMap, FrozenList or Allocation of the new pool (readers then call
+    ``ref.get()`` for the current version), otherwise at the new pool.  If
+    ``build`` or ``protect()`` fails, the new pool is destroyed and the old
+    version keeps serving.  The old pool is destroyed at once if nothing
+    refers to its memory any more, or else as soon as the last reader drops
+    its handle or view of it.  Returns ``(new pool, built)``.
     """
+    return _replace(ref, build, True, mode, name, refill)
+
+
+def _replace(ref: ProtectedRef, build: Callable[[Pool], Any], point_at_built: bool,
+             mode: Union[Mode, int, str], name: str, refill: int) -> Tuple[Pool, Any]:
     old = ref.get()  # a tampered reference is refused before any work
     new = Pool(mode, name=name, refill=refill)
     try:
         built = build(new)
         new.protect()
     except BaseException:
-        try:
-            new.destroy()
-        except BufferError:
-            pass  # views of it still alive: it goes when they do
+        new._destroy_when_released()
         raise
-    ref.set(new)
-    if isinstance(old, Pool) and old is not new:
-        try:
-            old.destroy()
-        except BufferError as e:
-            raise BufferError(f"replace_pool: the reference now points at the new pool, "
-                              f"but the old pool {old.name!r} could not be destroyed: {e}"
-                              ) from e
+    old_pool = _pool_of(old)
+    ref.set(built if point_at_built and _pool_of(built) is new else new)
+    del old
+    if old_pool is not None and old_pool is not new:
+        old_pool._destroy_when_released()
     return new, built
+
+
+def _pool_of(target: Any) -> Optional[_core.Pool]:
+    """The pool a reference target lives in (None for other objects)."""
+    if isinstance(target, _core.Pool):
+        return target
+    if isinstance(target, (Allocation, _core.FrozenMap, _core.FrozenList)):
+        return target.pool  # type: ignore[no-any-return]
+    return None
