@@ -454,7 +454,7 @@ attached_allocation(PyObject *module, PyObject *args)
 }
 
 static PyObject *
-pool_origin(PyObject *module, PyObject *arg)
+is_attached(PyObject *module, PyObject *arg)
 {
     prmem_module_state *st = module_state(module);
     if (!PyObject_TypeCheck(arg, st->PoolType)) {
@@ -471,7 +471,7 @@ static PyMethodDef share_functions[] = {
     {"attach", attach, METH_VARARGS, "Map received sealed memory into a new Pool object."},
     {"attached_allocation", attached_allocation, METH_VARARGS,
      "An Allocation inside an attached pool."},
-    {"is_attached", pool_origin, METH_O, "True if the pool was received from elsewhere."},
+    {"is_attached", is_attached, METH_O, "True if the pool was received from elsewhere."},
     {NULL, NULL, 0, NULL},
 };
 

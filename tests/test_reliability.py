@@ -7,11 +7,9 @@ mostly in child processes.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -7,7 +7,6 @@ refuses descriptors that could change under it.
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import gc
 import json
 import mmap

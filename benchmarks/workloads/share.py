@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import select
 import socket
 import time
 from multiprocessing import shared_memory
@@ -82,14 +83,13 @@ def _worker(conn: Any, how: str, sock: Any = None) -> None:
     # modules first: importing them is not part of receiving a table
     import prmem.sharing  # noqa: F401
     try:
-        import numpy  # noqa: F401
+        import numpy
     except ImportError:
-        pass
+        numpy = None
     gc.collect()
     base = _uss()
     conn.send("ready")
     if how == "socket":  # prmem.send()/recv() over an AF_UNIX socket
-        import select
         select.select([sock], [], [])  # the clock starts once the sender has sent
         t0 = time.perf_counter()
         message = prmem.recv(sock)
@@ -101,7 +101,6 @@ def _worker(conn: Any, how: str, sock: Any = None) -> None:
         obj = _inherited["table"]
     elif how == "shm":
         name, shape, dtype = message
-        import numpy
         shm = shared_memory.SharedMemory(name=name)
         obj = numpy.ndarray(shape, dtype=dtype, buffer=shm.buf)
     else:
