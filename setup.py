@@ -28,6 +28,7 @@ setup(
             sources=[
                 "csrc/module.c",
                 "csrc/areas.c",
+                "csrc/unshare.c",
                 "csrc/seal.c",
                 "csrc/allocator.c",
                 "csrc/allocation.c",

@@ -238,7 +238,8 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
-        else if (prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
+        else if (prmem_chunk_unshare(self, area->chunk, &e) < 0 ||
+                 prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
             goto fail;
     }
     self->cur_off = (size_t)(addr + size - area->start);
@@ -416,6 +417,7 @@ Pool_dealloc(PoolObject *self)
     /* No allocation or buffer view can be alive: each holds a reference. */
     if (self->ready && !self->destroyed) {
         forget_fault_ranges(self);
+        prmem_pool_unshare_for_release(self);
         prmem_pool_release(self);
     }
     else {
@@ -586,6 +588,7 @@ static void
 release_locked(PoolObject *self)
 {
     forget_fault_ranges(self);
+    prmem_pool_unshare_for_release(self);
     prmem_pool_release(self);
     self->destroyed = 1;
     self->destroy_pending = 0;

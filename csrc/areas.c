@@ -424,9 +424,10 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
                           pool->cname);
 
     /* Carve from the last chunk while it has room and is not sealed (a
-     * sealed memfd can never be mapped writable again). */
+     * sealed memfd can never be mapped writable again) nor shared with a
+     * fork()ed process (a new area there would be seen by both). */
     prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
-    if (ch == NULL || ch->sealed || ch->size - ch->used < area_size) {
+    if (ch == NULL || ch->sealed || prmem_chunk_is_shared(ch) || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
         if (chunk_size < pool->next_chunk_size && !pool->secret)
             chunk_size = pool->next_chunk_size;
@@ -577,6 +578,10 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void
     if (ch->sealed || ch->fd < 0)
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s': memory is sealed read-only", pool->cname);
+    if (prmem_chunk_is_shared(ch)) /* the caller must prmem_chunk_unshare() first */
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s': internal error: a write to memory still "
+                          "shared with a fork()ed process was refused", pool->cname);
     if (n == 0)
         return 0;
     /* A source that overlaps the destination (a view of the same memory)
@@ -712,8 +717,9 @@ prmem_pool_release(PoolObject *pool)
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
         if (ch->fd >= 0) {
-            /* memfd_secret pages are zeroed by the kernel when freed */
-            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET)
+            /* memfd_secret pages are zeroed by the kernel when freed; a
+             * file another process still maps (keep_data) is its memory too */
+            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data)
                 zero_chunk_data(ch);
             close(ch->fd);
             ch->fd = -1;

@@ -40,8 +40,10 @@
  * waits (prmem_pool_lock() releases it and retries).  So the lock and the
  * GIL cannot deadlock, and no finaliser or signal handler can re-enter a
  * pool while its lock is held.  Lock order: fork registry lock -> pool lock
- * -> fault registry lock; the last two are leaf locks around short pure-C
- * sections.
+ * -> fault registry lock or unshare.c's sharers lock; those last two are
+ * leaf locks around short pure-C sections.  A rare write that must first
+ * copy memory shared with a fork()ed process (unshare.c) releases the GIL
+ * for the copy and, like a large write, the pool lock before retaking it.
  */
 #ifndef PRMEM_H
 #define PRMEM_H
@@ -158,7 +160,20 @@ typedef struct {
     int reported_sealed; /* the fault report knows it is sealed */
     dev_t dev;    /* identity of the backing file, recorded at creation: */
     ino_t ino;    /* verify() and the alias checks compare mappings to it */
+    /* Copy on first change after fork() (unshare.c): the file is still
+     * mapped by children forked since fork number shared_gen (0: none
+     * known), or by the parent (shared_with_parent).  Such a chunk is
+     * never changed in place: prmem_chunk_unshare() first. */
+    unsigned long long shared_gen;
+    int shared_with_parent;
+    int keep_data; /* released while another process maps it: no zeroing */
 } prmem_chunk;
+
+static inline int
+prmem_chunk_is_shared(const prmem_chunk *ch)
+{
+    return ch->shared_gen != 0 || ch->shared_with_parent;
+}
 
 typedef struct {
     char *start;
@@ -325,6 +340,17 @@ PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
+
+/* unshare.c: copy on first change after fork().  Callers hold pool->lock;
+ * no Python API (prmem_chunk_unshare may run without the GIL). */
+PRMEM_INTERNAL int prmem_new_backing(int kind);
+PRMEM_INTERNAL int prmem_copy_chunk_contents(const prmem_chunk *ch, int fd);
+PRMEM_INTERNAL int prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e);
+PRMEM_INTERNAL void prmem_pool_unshare_for_release(PoolObject *pool);
+PRMEM_INTERNAL int prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci);
+PRMEM_INTERNAL int prmem_lazy_fork_prepare(void);
+PRMEM_INTERNAL unsigned long long prmem_lazy_fork_parent(int lazy);
+PRMEM_INTERNAL void prmem_lazy_fork_child(int lazy, size_t nshared);
 
 /* share.c: sealed memory handed to and received from other processes. */
 PRMEM_INTERNAL int prmem_share_add_functions(PyObject *module);

@@ -363,6 +363,9 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     if (ch->sealed)
         return 0;
     int ro_fd = -1;
+    /* the seal would bind a fork()ed process that still maps the file */
+    if (prmem_chunk_unshare(pool, ci, e) < 0)
+        return -1;
     if (prmem_enforce) {
         int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e, &ro_fd)
                                                   : seal_unsealable(pool, ci, e);
