@@ -356,7 +356,7 @@ PRMEM_INTERNAL void prmem_lazy_fork_child(int lazy, size_t nshared);
 PRMEM_INTERNAL int prmem_share_add_functions(PyObject *module);
 
 /* seal.c: READ_ONLY for good, and checking that mappings are still prmem's.
- * Same floor as areas.c; callers hold pool->lock. */
+ * Above areas.c and unshare.c; callers hold pool->lock. */
 PRMEM_INTERNAL int prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e);
 PRMEM_INTERNAL int prmem_seal_all(PoolObject *pool, prmem_error *e);
 /* One finding of prmem_verify(): area `area` is not what its state says. */
