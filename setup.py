@@ -32,6 +32,7 @@ setup(
                 "csrc/seal.c",
                 "csrc/allocator.c",
                 "csrc/allocation.c",
+                "csrc/access.c",
                 "csrc/report.c",
                 "csrc/frozen_read.c",
                 "csrc/frozen.c",

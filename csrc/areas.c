@@ -440,7 +440,8 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
 
     char *start = ch->base + ch->used;
     int state = pool->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
-    int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE : PROT_READ;
+    int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE
+                                                          : prmem_protected_prot(pool);
     if (mprotect(start, area_size, prot) < 0) {
         int err = errno;
         if (err == ENOMEM)
@@ -471,7 +472,7 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
     if (auto_mode && prev >= 0) {
         prmem_area *old = &pool->areas[prev];
         if (old->state == PRMEM_WRITABLE) {
-            if (prmem_protect_range(old->start, old->size, PROT_READ) < 0)
+            if (prmem_protect_range(old->start, old->size, prmem_protected_prot(pool)) < 0)
                 return prmem_fail_os(e, "mprotect", errno);
             old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
             pool->protect_event = 1;
@@ -509,7 +510,7 @@ prmem_make_write_rare(PoolObject *pool, prmem_error *e)
             j++;
         }
         if (prmem_protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
-                                PROT_READ) < 0)
+                                prmem_protected_prot(pool)) < 0)
             return prmem_fail_os(e, "mprotect", errno);
         for (size_t k = i; k < j; k++)
             pool->areas[k].state = PRMEM_WRITE_RARE;

@@ -172,7 +172,8 @@ privatize_chunk(PoolObject *pool, size_t ci)
         if (a->chunk != ci)
             continue;
         int writable = a->state == PRMEM_WRITABLE || !prmem_enforce;
-        if (mprotect(a->start, a->size, writable ? PROT_READ | PROT_WRITE : PROT_READ) < 0) {
+        int prot = writable ? PROT_READ | PROT_WRITE : prmem_protected_prot(pool);
+        if (mprotect(a->start, a->size, prot) < 0) {
             /* the copy is mapped now, maybe still PROT_NONE in part: make it
              * readable, so the snapshot the caller falls back to can read it */
             int err = errno;
@@ -231,8 +232,8 @@ share_readonly(PoolObject *pool, size_t ci)
     int ro = open(path, O_RDONLY | O_CLOEXEC);
     if (ro < 0)
         return -1;
-    if ((ch->used > 0 && mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED | MAP_NORESERVE,
-                              ro, 0) == MAP_FAILED) ||
+    if ((ch->used > 0 && mmap(ch->base, ch->used, prmem_protected_prot(pool),
+                              MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ro, 0) == MAP_FAILED) ||
         (ch->size > ch->used &&
          mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
               MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ro, (off_t)ch->used) == MAP_FAILED)) {
@@ -264,11 +265,11 @@ snapshot_chunk(PoolObject *pool, size_t ci)
                           -1, 0);
         if (copy == MAP_FAILED)
             return -1;
-        memcpy(copy, ch->base, ch->used); /* every area is readable */
+        memcpy(copy, ch->base, ch->used); /* readable: see make_readable() */
         for (size_t i = 0; i < pool->nareas; i++) {
             prmem_area *a = &pool->areas[i];
             if (a->chunk == ci && a->state != PRMEM_WRITABLE && prmem_enforce)
-                mprotect(copy + (a->start - ch->base), a->size, PROT_READ);
+                mprotect(copy + (a->start - ch->base), a->size, prmem_protected_prot(pool));
         }
         if (mremap(copy, ch->used, ch->used, MREMAP_MAYMOVE | MREMAP_FIXED, ch->base) ==
             MAP_FAILED) {
@@ -313,6 +314,11 @@ child(void)
                 /* could not be shared read-only: copied now, as below */
             }
             ch->shared_with_parent = 0;
+            /* copies of secret memory, and snapshots, read the mapping: a
+             * no-access chunk is made readable here, single-threaded, and
+             * the copy gets the pool's protections back */
+            if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
+                mprotect(ch->base, ch->used, PROT_READ);
             if (privatize_chunk(p, ci) < 0) {
                 /* The pool refuses changes from now on; its memory becomes
                  * a private snapshot, or, if not even anonymous memory can

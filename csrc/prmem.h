@@ -230,7 +230,20 @@ typedef struct PoolObject {
     int fork_errno;         /* the child could not get a private copy */
     int broken_errno;       /* a failed re-map could not be undone: unusable */
     int protect_event;      /* memory became protected: the allocator tells fault.c */
+    /* no-access pools (access.c): protected areas are PROT_NONE except
+     * while access_count > 0 (open access() blocks, views taken inside
+     * one, frozen-container reads in progress) */
+    int noaccess;
+    Py_ssize_t access_count;
 } PoolObject;
+
+/* The page protection a non-WRITABLE area has now: PROT_READ, or PROT_NONE
+ * in a no-access pool while nothing holds access (access.c). */
+static inline int
+prmem_protected_prot(const PoolObject *pool)
+{
+    return pool->noaccess && pool->access_count == 0 ? PROT_NONE : PROT_READ;
+}
 
 typedef struct {
     PyObject_HEAD
@@ -372,6 +385,7 @@ enum prmem_verify_problem {
     PRMEM_VERIFY_MOVED = 3,        /* the pool's file, but at the wrong offset */
     PRMEM_VERIFY_WEAKER = 4,       /* permissions weaker than the area's state */
     PRMEM_VERIFY_UNREADABLE = 5,   /* the pool's file, but no longer readable */
+    PRMEM_VERIFY_OPENED = 6,       /* no-access memory readable outside access() */
 };
 PRMEM_INTERNAL Py_ssize_t prmem_verify(PoolObject *pool, prmem_verify_finding *out,
                                        size_t max_out, prmem_error *e);
@@ -385,6 +399,15 @@ PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
 PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+
+/* access.c: no-access pools.  prmem_access_hold/release are called with
+ * the pool lock held and no Python API; the methods take it themselves. */
+PRMEM_INTERNAL int prmem_access_hold(PoolObject *pool, int open_if_closed, prmem_error *e);
+PRMEM_INTERNAL int prmem_access_release(PoolObject *pool, prmem_error *e);
+PRMEM_INTERNAL int prmem_access_refuse_read(PoolObject *pool, const prmem_area *area,
+                                            prmem_error *e);
+PRMEM_INTERNAL PyObject *prmem_pool_access_enter(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_access_leave(PoolObject *self, PyObject *unused);
 
 /* report.c: Pool._stats() and Pool._verify(). */
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
@@ -519,6 +542,8 @@ prmem_fz_key_tag(uint32_t tag)
 
 PRMEM_INTERNAL extern PyType_Spec prmem_extent_spec;
 PRMEM_INTERNAL prmem_extent *prmem_fz_extent_new(prmem_module_state *st, AllocationObject *alloc);
+PRMEM_INTERNAL int prmem_fz_enter(const prmem_extent *x);   /* 0, or -1 with an exception */
+PRMEM_INTERNAL void prmem_fz_leave(const prmem_extent *x);
 PRMEM_INTERNAL void *prmem_fz_corrupt(const prmem_extent *x, const char *what, uint64_t at);
 PRMEM_INTERNAL int prmem_fz_map_node(const prmem_extent *x, uint64_t node, uint64_t *count,
                                      uint64_t *nbuckets);

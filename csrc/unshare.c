@@ -68,20 +68,34 @@ prmem_new_backing(int kind)
 }
 
 typedef struct {
-    int fd;
-    const char *base;
+    int from_fd, to_fd;
 } copy_target;
 
-/* Copy [from, to) of the chunk, read through its mapping, into the new file. */
+/* Copy [from, to) of the chunk's file into the new file, file to file: the
+ * mapping may be PROT_NONE (a no-access pool) and is not touched. */
 static int
 copy_range(void *ctx, off_t from, off_t to)
 {
     const copy_target *t = ctx;
     while (from < to) {
-        ssize_t w = pwrite(t->fd, t->base + from, (size_t)(to - from), from);
+        loff_t in = from, out = from;
+        ssize_t w = copy_file_range(t->from_fd, &in, t->to_fd, &out, (size_t)(to - from), 0);
+        if (w < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                      errno == EOPNOTSUPP)) {
+            /* no in-kernel copy between these files: through a buffer */
+            char buf[16384];
+            size_t len = (size_t)(to - from) < sizeof(buf) ? (size_t)(to - from) : sizeof(buf);
+            w = pread(t->from_fd, buf, len, from);
+            if (w > 0 && pwrite(t->to_fd, buf, (size_t)w, from) != w)
+                w = -1;
+        }
         if (w < 0) {
             if (errno == EINTR)
                 continue;
+            return -1;
+        }
+        if (w == 0) {
+            errno = EIO;
             return -1;
         }
         from += w;
@@ -89,6 +103,10 @@ copy_range(void *ctx, off_t from, off_t to)
     return 0;
 }
 
+/* Copy what chunk ch holds into fd.  Only ranges with data are copied
+ * (SEEK_DATA), so sparse areas stay sparse; memfd_secret files cannot be
+ * read that way and are copied through the mapping, which must be
+ * readable. */
 PRMEM_INTERNAL int
 prmem_copy_chunk_contents(const prmem_chunk *ch, int fd)
 {
@@ -102,7 +120,7 @@ prmem_copy_chunk_contents(const prmem_chunk *ch, int fd)
         munmap(dst, ch->used);
         return 0;
     }
-    copy_target target = {fd, ch->base};
+    copy_target target = {ch->fd, fd};
     return prmem_for_each_data_range(ch->fd, (off_t)ch->used, copy_range, &target);
 }
 
@@ -215,13 +233,15 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         goto fail;
     if (ch->used > 0) {
         what = "mmap";
-        char *copy = mmap(NULL, ch->used, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        int prot = prmem_protected_prot(pool);
+        char *copy = mmap(NULL, ch->used, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (copy == MAP_FAILED)
             goto fail;
         if (pool->dontdump)
             madvise(copy, ch->used, MADV_DONTDUMP);
         /* fill the page tables now, as the first read after protect() would */
-        madvise(copy, ch->used, MADV_POPULATE_READ);
+        if (prot == PROT_READ)
+            madvise(copy, ch->used, MADV_POPULATE_READ);
         what = "mremap";
         if (mremap(copy, ch->used, ch->used, MREMAP_MAYMOVE | MREMAP_FIXED, ch->base) ==
             MAP_FAILED) {
