@@ -351,8 +351,8 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
             return fail_nomemory(pool, e, size, "mmap", err);
         return prmem_fail_os(e, "mmap", err);
     }
-    if (pool->dontdump)
-        madvise(base, size, MADV_DONTDUMP);
+    if (pool->dontdump && !pool->noaccess)
+        madvise(base, size, MADV_DONTDUMP); /* no-access pools: per area, below */
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
     memset(ch, 0, sizeof(*ch));
     ch->base = base;
@@ -453,6 +453,8 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
         mprotect(start, area_size, PROT_NONE); /* leave the pool as it was */
         return prmem_fail_memlock(pool, e, "lock=True", area_size, err);
     }
+    if (pool->noaccess)
+        madvise(start, area_size, MADV_DONTDUMP); /* see prmem_dontdump() */
     ch->used += area_size;
     prmem_area *area = &pool->areas[pool->nareas];
     area->start = start;
