@@ -12,10 +12,32 @@ import enum
 import struct
 import sys
 import threading
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import _core
 from .errors import PrmemError, ProtectionError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+    from typing_extensions import Buffer
+
+    from .frozen import FrozenList, FrozenMap
+
+_T = TypeVar("_T")
+_B = TypeVar("_B")
 
 __all__ = [
     "Allocation",
@@ -37,6 +59,7 @@ __all__ = [
 
 #: A range of protectable memory handed out by a pool (``pool.alloc()``...).
 Allocation = _core.Allocation
+
 
 
 class Mode(enum.IntEnum):
@@ -106,7 +129,7 @@ def _to_mode(mode: Union[Mode, int, str]) -> Mode:
     raise TypeError(f"mode must be a prmem.Mode, not {type(mode).__name__}")
 
 
-def _to_int(value: Any, what: str) -> int:
+def _to_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     return value
@@ -134,7 +157,7 @@ class PoolStats:
     bytes_reserved: int
     bytes_lost_to_protection: int
     bytes_free: int
-    areas_by_state: dict[State, int]
+    areas_by_state: Dict[State, int]
     buffer_views: int
     writable_buffer_views: int
     secret: bool
@@ -154,7 +177,7 @@ class PoolStats:
             raise KeyError(key)
         return getattr(self, key)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> Dict[str, Any]:
         """The counters as a plain dict (states by name)."""
         d = dataclasses.asdict(self)
         d["mode"] = self.mode.name
@@ -291,7 +314,13 @@ class Pool(_core.Pool):
             f"prmem pool {self.name!r} is not protected as its state says: {details}{more}. "
             "Code in this process changed its mappings; do not trust data read from it")
 
-    def freeze(self, obj: Any) -> Any:
+    @overload
+    def freeze(self, obj: Mapping[Any, Any]) -> FrozenMap: ...
+    @overload
+    def freeze(self, obj: Union[List[Any], Tuple[Any, ...]]) -> FrozenList: ...
+
+    def freeze(self, obj: Union[Mapping[Any, Any], List[Any], Tuple[Any, ...]]
+               ) -> Union[FrozenMap, FrozenList]:
         """Copy a Mapping (-> :class:`prmem.FrozenMap`) or a list or tuple
         (-> :class:`prmem.FrozenList`), with everything nested in it, into
         this pool, and return a read-only handle on the copy.
@@ -307,8 +336,9 @@ class Pool(_core.Pool):
         from .frozen import freeze
         return freeze(self, obj)
 
-    def array(self, data: Any = None, dtype: Any = None, *, shape: Any = None,
-              fill: Any = 0) -> Any:
+    def array(self, data: Optional[ArrayLike] = None, dtype: Optional[DTypeLike] = None, *,
+              shape: Optional[Union[int, Tuple[int, ...]]] = None,
+              fill: Any = 0) -> NDArray[Any]:
         """Copy a numpy array-like into this pool and return a read-only
         ``numpy.ndarray`` view of the copy (``writeable`` is False, and it
         does not block ``protect()``); or, with ``shape=`` (and ``dtype=``,
@@ -338,7 +368,7 @@ class Pool(_core.Pool):
             # BufferError; the pool goes when its last view or handle does
             self._destroy_when_released()
 
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> Tuple[Any, ...]:
         raise TypeError("prmem pools cannot be pickled to bytes: protected memory travels "
                         "only between live processes, as a descriptor. Pass a sealed "
                         "Pool(share=True) (or a FrozenMap in one) through multiprocessing, "
@@ -400,7 +430,7 @@ class RareWriteSession:
         if self._owner != threading.get_ident():
             raise RuntimeError("rare-write session belongs to another thread")
 
-    def write(self, dst: Allocation, data: Any, offset: int = 0) -> None:
+    def write(self, dst: Allocation, data: Buffer, offset: int = 0) -> None:
         """Write ``data`` into ``dst`` at ``offset`` (see :func:`rare_write`)."""
         self._check()
         self._pool.rare_write(dst, data, offset)
@@ -472,10 +502,10 @@ def _ref_slot() -> Allocation:
 _RECORD = struct.Struct("<QQQ")
 
 # slot address -> the target its record names (see ProtectedRef)
-_anchors: dict = {}
+_anchors: Dict[int, object] = {}
 
 
-def _identity(target: Any) -> bytes:
+def _identity(target: object) -> bytes:
     if isinstance(target, _core.Pool):
         return _RECORD.pack(id(target), 1, target.serial)
     if isinstance(target, Allocation):
@@ -483,7 +513,7 @@ def _identity(target: Any) -> bytes:
     return _RECORD.pack(id(target), 0, id(type(target)))
 
 
-class ProtectedRef:
+class ProtectedRef(Generic[_T]):
     """A reference whose authoritative record lives in write-rare memory.
 
     The seeds' point: protecting data is not enough if the reference to it
@@ -497,17 +527,28 @@ class ProtectedRef:
     id() and type; the recorded target is also kept alive by a second,
     internal reference, so its id cannot be recycled for an impostor while
     the record names it.
+
+    It is generic in its target for type checkers: ``ProtectedRef(m)``
+    with a FrozenMap ``m`` is a ``ProtectedRef[FrozenMap]``, whose
+    ``get()`` returns a FrozenMap and whose ``set()`` takes one.
+    ``ProtectedRef()`` starts out pointing at None; declare what it will
+    hold: ``current: ProtectedRef[Optional[FrozenMap]] = ProtectedRef()``.
     """
 
     __slots__ = ("_slot", "_target", "_lock", "__weakref__")
 
+    @overload
+    def __init__(self: ProtectedRef[Optional[_B]]) -> None: ...
+    @overload
+    def __init__(self, target: _T) -> None: ...
+
     def __init__(self, target: Any = None) -> None:
         self._slot = _ref_slot()
         self._lock = threading.Lock()
-        self._target = None
+        self._target: Any = None
         self.set(target)
 
-    def get(self) -> Any:
+    def get(self) -> _T:
         """Return the target, after checking it against the protected record."""
         with self._lock:
             target = self._target
@@ -519,9 +560,9 @@ class ProtectedRef:
         if recorded != actual:
             raise ProtectionError("ProtectedRef: the reference does not match its "
                                   "write-rare record; it has been tampered with")
-        return target
+        return target  # type: ignore[no-any-return]
 
-    def set(self, target: Any) -> None:
+    def set(self, target: _T) -> None:
         """Point the reference at ``target`` (one rare write)."""
         record = _identity(target)
         with self._lock:
@@ -539,8 +580,8 @@ class ProtectedRef:
 
 
 def replace_pool(
-    ref: ProtectedRef,
-    build: Callable[[Pool], Any],
+    ref: ProtectedRef[Any],
+    build: Callable[[Pool], object],
     *,
     mode: Union[Mode, int, str] = Mode.RO,
     name: str = "pool",
@@ -553,13 +594,13 @@ def replace_pool(
 
 
 def replace_pool_with(
-    ref: ProtectedRef,
-    build: Callable[[Pool], Any],
+    ref: ProtectedRef[Any],
+    build: Callable[[Pool], _T],
     *,
     mode: Union[Mode, int, str] = Mode.RO,
     name: str = "pool",
     refill: int = 65536,
-) -> Tuple[Pool, Any]:
+) -> Tuple[Pool, _T]:
     """The policy-database update sequence (seed 002), in one call.
 
     Build a new version in a fresh pool with ``built = build(pool)``, protect
@@ -575,8 +616,8 @@ def replace_pool_with(
     return _replace(ref, build, True, mode, name, refill)
 
 
-def _replace(ref: ProtectedRef, build: Callable[[Pool], Any], point_at_built: bool,
-             mode: Union[Mode, int, str], name: str, refill: int) -> Tuple[Pool, Any]:
+def _replace(ref: ProtectedRef[Any], build: Callable[[Pool], _T], point_at_built: bool,
+             mode: Union[Mode, int, str], name: str, refill: int) -> Tuple[Pool, _T]:
     old = ref.get()  # a tampered reference is refused before any work
     new = Pool(mode, name=name, refill=refill)
     try:
@@ -593,10 +634,10 @@ def _replace(ref: ProtectedRef, build: Callable[[Pool], Any], point_at_built: bo
     return new, built
 
 
-def _pool_of(target: Any) -> Optional[_core.Pool]:
+def _pool_of(target: object) -> Optional[_core.Pool]:
     """The pool a reference target lives in (None for other objects)."""
     if isinstance(target, _core.Pool):
         return target
     if isinstance(target, (Allocation, _core.FrozenMap, _core.FrozenList)):
-        return target.pool  # type: ignore[no-any-return]
+        return target.pool
     return None
