@@ -1,7 +1,7 @@
 """The type hints catch real mistakes, and the stubs cannot drift from the C core.
 
 - ``mypy --strict`` (the configuration in pyproject.toml) is clean on
-  src/prmem and examples/;
+  src/prmem (and the console script's src/_prmem_cli.py) and examples/;
 - on tests/typing/api_checks.py it reports exactly the revealed types and
   errors that file's comments expect (``# N:`` / ``# E:``);
 - every name in ``prmem.__all__`` is known to mypy;
@@ -55,7 +55,7 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, List[Tupl
         f"print(prmem.{name})\n" for name in prmem.__all__))
     proc = _run(["mypy", "--config-file", "pyproject.toml", "--cache-dir", os.devnull,
                  "--no-pretty", "--no-error-summary", "--hide-error-context",
-                 "src/prmem", "examples", CHECKS, str(names)])
+                 "src/prmem", "src/_prmem_cli.py", "examples", CHECKS, str(names)])
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 2: mypy itself failed
     report: Dict[str, List[Tuple[int, str, str]]] = {}
     for line in proc.stdout.splitlines():
