@@ -5,9 +5,14 @@ Precise enough for ``mypy --strict`` to catch misuse of the public API
 assigning into a FrozenMap, ...).  ``tests/test_typing.py`` runs
 ``mypy.stubtest`` against the built module, so every name here exists at
 run time with this signature, and every public name of the module is here.
+
+``Allocation.tobytes``, ``decode``, ``__eq__`` and ``__hash__`` are
+defined in Python (prmem/pool.py) on this C type when prmem is imported,
+which happens before ``prmem._core`` can be used.
 """
 from typing import (
     Any,
+    ClassVar,
     Dict,
     Iterator,
     List,
@@ -59,6 +64,8 @@ class Allocation:
     @property
     def pool(self) -> _PublicPool: ...
     def write(self, data: Buffer, offset: SupportsIndex = 0) -> None: ...
+    def tobytes(self) -> bytes: ...
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str: ...
     def __len__(self) -> int: ...
     @overload
     def __getitem__(self, key: SupportsIndex, /) -> int: ...
@@ -68,6 +75,9 @@ class Allocation:
     def __setitem__(self, key: SupportsIndex, value: int, /) -> None: ...
     @overload
     def __setitem__(self, key: slice, value: Buffer, /) -> None: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    # content equality on mutable memory: unhashable, like bytearray
+    __hash__: ClassVar[None]  # type: ignore[assignment]
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 @disjoint_base

@@ -61,6 +61,57 @@ __all__ = [
 Allocation = _core.Allocation
 
 
+# The C type keeps what must hold the pool lock (bounds, state checks, the
+# buffer protocol); these conveniences are plain Python on top of a[:],
+# which copies under the lock.  They are set on the C type itself because
+# the C core creates every Allocation.
+
+def _allocation_tobytes(self: Allocation) -> bytes:
+    """A copy of the whole allocation as ``bytes`` (the same as ``bytes(a)``
+    or ``a[:]``); PoolDestroyedError after ``destroy()``."""
+    return self[:]
+
+
+def _allocation_decode(self: Allocation, encoding: str = "utf-8",
+                       errors: str = "strict") -> str:
+    """The text stored in the allocation, as a C string: the bytes up to the
+    first NUL (all of them if there is none), decoded with ``encoding`` and
+    ``errors`` as ``bytes.decode`` does.  ``pool.strdup(text).decode()``
+    gives ``text`` back.  For encodings whose text contains NUL bytes
+    (UTF-16, UTF-32) use ``a.tobytes().decode(...)``."""
+    data = self[:]
+    end = data.find(b"\0")
+    return (data if end < 0 else data[:end]).decode(encoding, errors)
+
+
+def _allocation_eq(self: Allocation, other: object) -> bool:
+    """``a == other``: True if ``other`` is a bytes-like object (bytes,
+    bytearray, memoryview, another Allocation, ...) holding the same bytes,
+    as ``bytearray`` compares.  Not constant-time: compare secrets with
+    ``hmac.compare_digest(a, other)``."""
+    # (mypy knows NotImplemented is fine only in methods named __eq__)
+    if other is self:
+        return True
+    if isinstance(other, str):
+        return NotImplemented  # type: ignore[no-any-return]
+    try:
+        view = memoryview(other)  # type: ignore[arg-type]
+    except TypeError:
+        return NotImplemented  # type: ignore[no-any-return]
+    with view:
+        return view.nbytes == self.size and view.tobytes() == self[:]
+
+
+for _name, _method in (("tobytes", _allocation_tobytes), ("decode", _allocation_decode),
+                       ("__eq__", _allocation_eq)):
+    _method.__name__ = _name
+    _method.__qualname__ = "Allocation." + _name
+    setattr(Allocation, _name, _method)
+# == compares the content, which may change while WRITABLE or WRITE_RARE:
+# unhashable, like bytearray (key a dict by a.address or id(a) instead)
+setattr(Allocation, "__hash__", None)
+del _name, _method
+
 
 class Mode(enum.IntEnum):
     """How a pool's memory is protected, at allocation time → at protect().
@@ -206,6 +257,9 @@ class Pool(_core.Pool):
     ``/proc/PID/mem``.  ``dontdump=True`` excludes a pool from core dumps;
     ``lock=True`` locks its areas in memory.  Locked memory counts against
     RLIMIT_MEMLOCK; exceeding it raises MemoryError naming that limit.
+    Each area is at least ``refill`` bytes, so such a pool locks at least
+    that much once it allocates: give it a small ``refill`` (a page holds
+    a few keys).
 
     ``share=True`` keeps a read-only descriptor of each sealed chunk, so
     the pool's READ_ONLY memory (and FrozenMaps, FrozenLists, Allocations
