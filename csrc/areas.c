@@ -153,8 +153,9 @@ prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what, size_t si
                       "prmem pool '%.200s': cannot lock %zu more bytes in memory for %s (%s): "
                       "locked memory is limited by RLIMIT_MEMLOCK (now %s); raise it with "
                       "`ulimit -l`, LimitMEMLOCK= in systemd or /etc/security/limits.conf, or "
-                      "make the pool smaller",
-                      pool->cname, size, what, strerror(err), limit);
+                      "lock less: each secret or lock=True pool locks at least refill= bytes "
+                      "(%zu for this pool), so a smaller refill= or fewer such pools help",
+                      pool->cname, size, what, strerror(err), limit, pool->refill);
 }
 
 static int
