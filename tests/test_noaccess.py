@@ -283,3 +283,18 @@ with pool.access():
 """)
     assert "child True" in proc.stdout and "parent b'ff'" in proc.stdout, (
         proc.stdout + proc.stderr)
+
+
+def test_inspect_shows_closed_no_access_data():
+    import os
+    from prmem.inspect import report
+    pool = Pool(Mode.WR, noaccess=True, name="na-inspect")
+    a = pool.alloc(4096)
+    a.write(b"x" * 4096)
+    pool.protect()
+    lines = [line for line in report(os.getpid()).splitlines() if "na-inspect" in line]
+    assert any(line.rstrip().endswith("no access [dontdump]") for line in lines), lines
+    with pool.access():
+        lines = [line for line in report(os.getpid()).splitlines() if "na-inspect" in line]
+        assert any("WRITE_RARE" in line for line in lines), lines
+    pool.destroy()

@@ -937,6 +937,7 @@ def test_inspect_labels_from_flags_and_descriptors():
     # /proc/PID/fd unreadable: say what it may be rather than guess
     assert label("r--s", "rd sh mr mw", None) == "read-only, not sealed"
     assert label("---s", "sh mr mw", None) == "reserved (no access)"
+    assert label("---s", "sh mr mw dd", True) == "no access"
     assert "/proc/PID/fd" in MEANINGS["read-only, not sealed"]
 
 

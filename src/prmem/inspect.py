@@ -50,6 +50,9 @@ MEANINGS: Dict[str, str] = {
     "read-only, not sealed": "WRITE_RARE or MMU-only READ_ONLY: telling them apart needs "
                              "read access to /proc/PID/fd (run as the process's user)",
     "reserved (no access)": "address space the pool keeps for its next areas",
+    "no access": "unreadable: a no-access pool's data outside `with pool.access():` "
+                 "(its areas are always dontdump), or a dontdump pool's reserved "
+                 "address space",
 }
 
 
@@ -90,7 +93,9 @@ class Mapping:
             # prmem keeps the descriptor of memory it may still rare-write,
             # and closes it once the memory is READ_ONLY
             return "WRITE_RARE" if self.file_held else "READ_ONLY, MMU only"
-        return "reserved (no access)"
+        # no-access areas are always dontdump; a reservation only in a
+        # dontdump pool, so without "dd" it cannot be no-access data
+        return "no access" if "dd" in self.vmflags else "reserved (no access)"
 
     @property
     def flags(self) -> List[str]:
