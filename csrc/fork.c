@@ -154,7 +154,7 @@ static int
 privatize_chunk(PoolObject *pool, size_t ci)
 {
     prmem_chunk *ch = &pool->chunks[ci];
-    int fd = prmem_new_backing(ch->kind);
+    int fd = prmem_new_backing(pool, ch->kind);
     if (fd < 0)
         return -1;
     if (ftruncate(fd, (off_t)ch->size) < 0 || prmem_copy_chunk_contents(ch, fd) < 0)

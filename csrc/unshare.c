@@ -49,11 +49,27 @@
 
 /* ------------------------------------------------------- new backing */
 
+/* A new, empty file of the same kind for pool `pool`'s copy of a chunk.
+ * Also called in a fork()ed child before it runs any other code: plain
+ * syscalls and byte copies only.  A memfd gets the pool's name, as the
+ * original did (areas.c), so /proc/PID/maps and `prmem inspect` still say
+ * whose memory it is. */
 PRMEM_INTERNAL int
-prmem_new_backing(int kind)
+prmem_new_backing(const PoolObject *pool, int kind)
 {
-    if (kind == PRMEM_BACKING_MEMFD)
-        return (int)syscall(SYS_memfd_create, "prmem:forked", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (kind == PRMEM_BACKING_MEMFD) {
+        char name[250] = "prmem:";
+        const size_t prefix = 6, max = sizeof(name) - 1 - prefix;
+        size_t k = 0;
+        while (pool->cname[k] != '\0' && k < max)
+            k++;
+        if (pool->cname[k] != '\0') /* cut short: not inside a character */
+            while (k > 0 && ((unsigned char)pool->cname[k] & 0xc0) == 0x80)
+                k--;
+        memcpy(name + prefix, pool->cname, k);
+        name[prefix + k] = '\0';
+        return (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    }
     if (kind == PRMEM_BACKING_TMPFILE)
         return open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
 #ifdef SYS_memfd_secret
@@ -219,7 +235,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
 {
     prmem_chunk *ch = &pool->chunks[ci];
     const char *what = "memfd_create";
-    int fd = prmem_new_backing(ch->kind);
+    int fd = prmem_new_backing(pool, ch->kind);
     if (fd < 0)
         goto fail;
     what = "ftruncate";

@@ -194,7 +194,7 @@ pid = os.fork()
 if pid == 0:
     same_file = backing("lazy") == before          # nothing copied at fork()
     pool.rare_write(a, b"child", 0)                # the first change: a copy
-    copied = backing("lazy") != before
+    copied = backing("lazy") not in (None, before)
     os.write(w, b"x")
     import time; time.sleep(0.3)                   # the parent writes meanwhile
     ok = same_file and copied and bytes(a[:5]) == b"child" and bytes(a[5:8]) == b"AAA"
@@ -220,7 +220,7 @@ if pid == 0:
     ok = bytes(a[:8]) == b"AAAAAAAA" and backing("live") == before
     os._exit(0 if ok else 3)
 pool.rare_write(a, b"parent--", 0)
-assert backing("live") != before                   # the parent made its own copy
+assert backing("live") not in (None, before)                   # the parent made its own copy
 assert bytes(a[:8]) == b"parent--" and bytes(a[8:16]) == b"AAAAAAAA"
 os.write(go_w, b"x")
 assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
@@ -264,7 +264,7 @@ if child == 0:
     os._exit(0)                                    # the child leaves, unchanged
 os.waitpid(child, 0)
 pool.rare_write(a, b"gp", 0)
-assert backing("family") != before                 # the grandchild still maps it
+assert backing("family") not in (None, before)                 # the grandchild still maps it
 os.write(go_w, b"x")
 assert bytes(a[:4]) == b"gpAA"
 print("OK")
