@@ -392,10 +392,10 @@ def assert_protected(obj: Any, *, samples: int = 64, seed: Optional[int] = None,
     If the probes take longer than ``timeout`` seconds, they are killed and
     the assertion fails.
 
-    The children write what ``fork()`` gave them: the very same pages for
-    sealed READ_ONLY memory (and any other shared mapping), and for memory
-    that can still change (WRITABLE, WRITE_RARE) the private copies prmem
-    makes at ``fork()``, with the same protections.
+    The children write what ``fork()`` gives them: the very same pages for
+    sealed READ_ONLY memory and whatever else stays shared across
+    ``fork()``, and where prmem gives a child its own copy at ``fork()``,
+    that copy, made with the same protections.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples must be an int >= 0, got {samples!r}")
