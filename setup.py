@@ -28,9 +28,11 @@ setup(
             sources=[
                 "csrc/module.c",
                 "csrc/areas.c",
+                "csrc/unshare.c",
                 "csrc/seal.c",
                 "csrc/allocator.c",
                 "csrc/allocation.c",
+                "csrc/access.c",
                 "csrc/report.c",
                 "csrc/frozen_read.c",
                 "csrc/frozen.c",

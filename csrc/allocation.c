@@ -75,6 +75,12 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
             prmem_refuse_write(pool, area->state, &e);
         goto fail;
     }
+    /* A view of a no-access pool's protected memory can only be taken
+     * inside access(), and holds access until it is released.  (A view of
+     * WRITABLE memory is a writable export: protect() waits for it.) */
+    int holds_access = pool->noaccess && area->state != PRMEM_WRITABLE;
+    if (holds_access && prmem_access_hold(pool, 0, &e) < 0)
+        goto fail;
     pool->exports++;
     if (writable) {
         area->wexports++;
@@ -84,7 +90,7 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
     /* cannot fail: a read-only view was not asked to be writable */
     PyBuffer_FillInfo(view, (PyObject *)self, self->addr, (Py_ssize_t)self->size, !writable,
                       flags);
-    view->internal = (void *)(intptr_t)writable;
+    view->internal = (void *)(intptr_t)(writable | holds_access << 1);
     return 0;
 fail:
     POOL_UNLOCK(pool);
@@ -98,9 +104,16 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
     PoolObject *pool = self->pool;
     POOL_LOCK(pool);
     pool->exports--;
-    if (view->internal != NULL) {
+    intptr_t kind = (intptr_t)view->internal;
+    if (kind & 1) {
         pool->areas[self->area].wexports--;
         pool->wexports--;
+    }
+    if (kind & 2) {
+        /* Closing can only fail if mprotect() cannot split a mapping: the
+         * memory then stays readable, which is what the view had. */
+        prmem_error e;
+        prmem_access_release(pool, &e);
     }
     prmem_release_if_pending(pool); /* last: it may free the area table */
     POOL_UNLOCK(pool);
@@ -161,6 +174,12 @@ Allocation_subscript(AllocationObject *self, PyObject *key)
     if (pool == NULL) {
         Py_XDECREF(result);
         return NULL;
+    }
+    prmem_error e;
+    if (prmem_access_refuse_read(pool, &pool->areas[self->area], &e) < 0) {
+        POOL_UNLOCK(pool);
+        Py_XDECREF(result);
+        return prmem_raise(&e);
     }
     if (is_index) {
         unsigned char b = (unsigned char)self->addr[start];
@@ -522,19 +541,44 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
     PoolObject *pool = lock_live(a, 0);
     if (pool == NULL)
         return -1;
+    prmem_error e;
+    /* In a no-access pool: on protected memory, the view holds access (see
+     * Allocation_getbuffer); on WRITABLE memory it holds protect() back
+     * like a writable view, or protect() would take the pages away under
+     * it (other pools let protect() go on: their pages stay readable). */
+    prmem_area *area = &pool->areas[a->area];
+    int holds_access = pool->noaccess && area->state != PRMEM_WRITABLE;
+    int holds_protect = pool->noaccess && area->state == PRMEM_WRITABLE;
+    if (holds_access && prmem_access_hold(pool, 0, &e) < 0) {
+        POOL_UNLOCK(pool);
+        prmem_raise(&e);
+        return -1;
+    }
     pool->exports++;
+    if (holds_protect) {
+        area->wexports++;
+        pool->wexports++;
+    }
     POOL_UNLOCK(pool);
     PyBuffer_FillInfo(view, (PyObject *)self, a->addr, (Py_ssize_t)a->size, 1, flags);
+    view->internal = (void *)(intptr_t)(holds_protect | holds_access << 1);
     return 0;
 }
 
 static void
 ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
 {
-    (void)view;
     PoolObject *pool = self->alloc->pool;
     POOL_LOCK(pool);
     pool->exports--;
+    if ((intptr_t)view->internal & 1) {
+        pool->areas[self->alloc->area].wexports--;
+        pool->wexports--;
+    }
+    if ((intptr_t)view->internal & 2) {
+        prmem_error e;
+        prmem_access_release(pool, &e); /* see Allocation_releasebuffer */
+    }
     prmem_release_if_pending(pool);
     POOL_UNLOCK(pool);
 }

@@ -238,7 +238,8 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
-        else if (prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
+        else if (prmem_chunk_unshare(self, area->chunk, &e) < 0 ||
+                 prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
             goto fail;
     }
     self->cur_off = (size_t)(addr + size - area->start);
@@ -309,14 +310,15 @@ static int
 Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"mode",   "name",     "refill", "align_order", "seal",
-                             "section", "secret", "dontdump", "lock",      "share", NULL};
+                             "section", "secret", "dontdump", "lock",      "share",
+                             "noaccess", NULL};
     int mode, align_order, seal = 0, section = 0, secret = 0, dontdump = 0, lock = 0,
-        share = 0;
+        share = 0, noaccess = 0;
     PyObject *name;
     Py_ssize_t refill;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|pppppp:Pool", kwlist, &mode,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iUni|ppppppp:Pool", kwlist, &mode,
                                      &name, &refill, &align_order, &seal, &section, &secret,
-                                     &dontdump, &lock, &share))
+                                     &dontdump, &lock, &share, &noaccess))
         return -1;
     prmem_module_state *st = state_from_type(Py_TYPE(self));
     if (st == NULL)
@@ -349,6 +351,15 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError,
                         "a secret pool cannot be shared: memfd_secret memory cannot be sealed "
                         "by the kernel, so prmem never hands it to another process");
+        return -1;
+    }
+    if (noaccess && (seal || share || section)) {
+        PyErr_SetString(PyExc_ValueError,
+                        seal ? "noaccess=True cannot be combined with seal=True: access() "
+                               "opens the memory with mprotect(), which mseal() forbids"
+                        : share ? "noaccess=True cannot be combined with share=True: other "
+                                  "processes would map the memory readable for good"
+                                : "sections cannot be no-access");
         return -1;
     }
     if (secret && !(prmem_features & PRMEM_FEAT_MEMFD_SECRET)) {
@@ -388,6 +399,7 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     self->align_order = align_order;
     self->seal = seal;
     self->share = share;
+    self->noaccess = noaccess;
     self->section = section;
     self->secret = secret;
     /* memfd_secret memory is always locked and never dumped */
@@ -416,6 +428,7 @@ Pool_dealloc(PoolObject *self)
     /* No allocation or buffer view can be alive: each holds a reference. */
     if (self->ready && !self->destroyed) {
         forget_fault_ranges(self);
+        prmem_pool_unshare_for_release(self);
         prmem_pool_release(self);
     }
     else {
@@ -586,6 +599,7 @@ static void
 release_locked(PoolObject *self)
 {
     forget_fault_ranges(self);
+    prmem_pool_unshare_for_release(self);
     prmem_pool_release(self);
     self->destroyed = 1;
     self->destroy_pending = 0;
@@ -760,6 +774,10 @@ static PyMethodDef Pool_methods[] = {
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
     {"_stats", (PyCFunction)prmem_pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_access_enter", (PyCFunction)prmem_pool_access_enter, METH_NOARGS,
+     "Hold access to a no-access pool's memory (Pool.access())."},
+    {"_access_leave", (PyCFunction)prmem_pool_access_leave, METH_NOARGS,
+     "Let go of access; the memory is PROT_NONE again when nothing holds it."},
     {"_destroy_when_released", (PyCFunction)Pool_destroy_when_released, METH_NOARGS,
      "Destroy now, or as soon as the last buffer view and frozen handle go."},
     {"_alloc_init", (PyCFunction)Pool_alloc_init, METH_VARARGS,

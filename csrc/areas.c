@@ -424,9 +424,10 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
                           pool->cname);
 
     /* Carve from the last chunk while it has room and is not sealed (a
-     * sealed memfd can never be mapped writable again). */
+     * sealed memfd can never be mapped writable again) nor shared with a
+     * fork()ed process (a new area there would be seen by both). */
     prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
-    if (ch == NULL || ch->sealed || ch->size - ch->used < area_size) {
+    if (ch == NULL || ch->sealed || prmem_chunk_is_shared(ch) || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
         if (chunk_size < pool->next_chunk_size && !pool->secret)
             chunk_size = pool->next_chunk_size;
@@ -439,7 +440,8 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
 
     char *start = ch->base + ch->used;
     int state = pool->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
-    int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE : PROT_READ;
+    int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE
+                                                          : prmem_protected_prot(pool);
     if (mprotect(start, area_size, prot) < 0) {
         int err = errno;
         if (err == ENOMEM)
@@ -470,7 +472,7 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
     if (auto_mode && prev >= 0) {
         prmem_area *old = &pool->areas[prev];
         if (old->state == PRMEM_WRITABLE) {
-            if (prmem_protect_range(old->start, old->size, PROT_READ) < 0)
+            if (prmem_protect_range(old->start, old->size, prmem_protected_prot(pool)) < 0)
                 return prmem_fail_os(e, "mprotect", errno);
             old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
             pool->protect_event = 1;
@@ -508,7 +510,7 @@ prmem_make_write_rare(PoolObject *pool, prmem_error *e)
             j++;
         }
         if (prmem_protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
-                                PROT_READ) < 0)
+                                prmem_protected_prot(pool)) < 0)
             return prmem_fail_os(e, "mprotect", errno);
         for (size_t k = i; k < j; k++)
             pool->areas[k].state = PRMEM_WRITE_RARE;
@@ -577,6 +579,10 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void
     if (ch->sealed || ch->fd < 0)
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s': memory is sealed read-only", pool->cname);
+    if (prmem_chunk_is_shared(ch)) /* the caller must prmem_chunk_unshare() first */
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s': internal error: a write to memory still "
+                          "shared with a fork()ed process was refused", pool->cname);
     if (n == 0)
         return 0;
     /* A source that overlaps the destination (a view of the same memory)
@@ -712,8 +718,9 @@ prmem_pool_release(PoolObject *pool)
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
         if (ch->fd >= 0) {
-            /* memfd_secret pages are zeroed by the kernel when freed */
-            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET)
+            /* memfd_secret pages are zeroed by the kernel when freed; a
+             * file another process still maps (keep_data) is its memory too */
+            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data)
                 zero_chunk_data(ch);
             close(ch->fd);
             ch->fd = -1;

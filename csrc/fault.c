@@ -241,6 +241,8 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
     if (si_code == SEGV_MAPERR)
         put("\nprmem: fatal access to prmem memory that is not mapped (unmapped by "
             "native code, or a prmem bug)\n");
+    else if (is_write == 0 && pool != NULL && __atomic_load_n(&pool->noaccess, __ATOMIC_RELAXED))
+        put("\nprmem: fatal read of no-access memory (outside `with pool.access():`)\n");
     else if (is_write == 0)
         put("\nprmem: fatal read of inaccessible prmem memory\n");
     else

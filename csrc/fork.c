@@ -1,19 +1,25 @@
 /*
  * Fork safety.  Pool memory is a MAP_SHARED mapping of a memory file, so
  * after fork() parent and child would see each other's writes, plain and
- * write-rare alike.  Ordinary memory does not behave that way, so in the
- * child, right after fork() and before any other code runs, every chunk
- * that can still change is given a private copy: a new memory file with
- * the same contents, mapped at the same address with the same per-area
- * protections.  Sealed READ_ONLY chunks can never change, for either
- * process, and stay shared.
+ * write-rare alike.  Ordinary memory does not behave that way:
  *
- * If the child cannot get a new file (say RLIMIT_NOFILE is exhausted), it
- * gets an anonymous private copy instead, moved over the chunk in one
- * mremap(): views taken before the fork keep reading the data as of the
- * fork, nothing of the parent's file stays mapped (its writable mappings
- * would stop the parent from sealing), and the pool refuses changes in the
- * child (PrmemError, fork_errno).
+ *   - a chunk that code can write through its mapping (a WRITABLE area, or
+ *     PRMEM_ENFORCE=0), and every memfd_secret chunk, is copied in the
+ *     child right after fork() and before any other code runs: a new
+ *     memory file with the same contents, mapped at the same address with
+ *     the same per-area protections;
+ *   - a chunk that only prmem can change (WRITE_RARE and MMU-only
+ *     READ_ONLY areas) stays shared, and whichever process changes it first
+ *     makes its own copy then (unshare.c): fork() costs nothing per byte;
+ *   - sealed READ_ONLY chunks can never change, for either process, and
+ *     stay shared.
+ *
+ * If the child cannot get a new file for an eager copy (say RLIMIT_NOFILE
+ * is exhausted), it gets an anonymous private copy instead, moved over the
+ * chunk in one mremap(): views taken before the fork keep reading the data
+ * as of the fork, nothing of the parent's file stays mapped (its writable
+ * mappings would stop the parent from sealing), and the pool refuses
+ * changes in the child (PrmemError, fork_errno).
  *
  * The child handler runs in a process that may have been multi-threaded:
  * it uses syscalls and plain C only, no Python API and no allocation.
@@ -29,13 +35,10 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef MFD_CLOEXEC
-#define MFD_CLOEXEC 0x0001U
-#define MFD_ALLOW_SEALING 0x0002U
-#endif
 #ifndef MADV_DONTDUMP
 #define MADV_DONTDUMP 16
 #endif
@@ -81,6 +84,19 @@ prmem_registry_remove(PoolObject *pool)
  * pipe the parent cannot wait; the window is then documented.
  */
 static int copied_pipe[2] = {-1, -1};
+/* This fork() leaves the chunks only prmem can change shared (unshare.c);
+ * otherwise (no pipe to track the child with) the child copies them too. */
+static int lazy;
+
+/* Is chunk ci of a live pool copied in the child right after fork()? */
+static int
+copied_at_fork(PoolObject *p, size_t ci)
+{
+    const prmem_chunk *ch = &p->chunks[ci];
+    if (ch->sealed || ch->fd < 0)
+        return 0; /* immutable, or an anonymous snapshot that fork() copies */
+    return !lazy || !prmem_chunk_can_stay_shared(p, ci);
+}
 
 static int
 anything_to_copy(void)
@@ -89,7 +105,7 @@ anything_to_copy(void)
         if (!p->ready || p->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++)
-            if (!p->chunks[ci].sealed && p->chunks[ci].fd >= 0)
+            if (copied_at_fork(p, ci))
                 return 1;
     }
     return 0;
@@ -101,6 +117,7 @@ prepare(void)
     pthread_mutex_lock(&registry_lock);
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
         pthread_mutex_lock(&p->lock);
+    lazy = prmem_lazy_fork_prepare();
     if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
         copied_pipe[0] = copied_pipe[1] = -1;
 }
@@ -116,6 +133,14 @@ unlock_all(void)
 static void
 parent(void)
 {
+    unsigned long long gen = prmem_lazy_fork_parent(lazy);
+    for (PoolObject *p = registry_head; gen != 0 && p != NULL; p = p->reg_next) {
+        if (!p->ready || p->destroyed)
+            continue;
+        for (size_t ci = 0; ci < p->nchunks; ci++)
+            if (prmem_chunk_can_stay_shared(p, ci) && p->chunks[ci].shared_gen == 0)
+                p->chunks[ci].shared_gen = gen; /* the oldest fork that shares it */
+    }
     if (copied_pipe[1] >= 0) {
         char c;
         close(copied_pipe[1]);
@@ -127,72 +152,15 @@ parent(void)
     unlock_all();
 }
 
-static int
-new_backing(int kind)
-{
-    if (kind == PRMEM_BACKING_MEMFD)
-        return (int)syscall(SYS_memfd_create, "prmem:forked", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (kind == PRMEM_BACKING_TMPFILE)
-        return open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
-#ifdef SYS_memfd_secret
-    return (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
-#else
-    errno = ENOSYS;
-    return -1;
-#endif
-}
-
-typedef struct {
-    int fd;
-    const char *base;
-} copy_target;
-
-/* Copy [from, to) of the chunk, read through its mapping, into the new file. */
-static int
-copy_range(void *ctx, off_t from, off_t to)
-{
-    const copy_target *t = ctx;
-    while (from < to) {
-        ssize_t w = pwrite(t->fd, t->base + from, (size_t)(to - from), from);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        from += w;
-    }
-    return 0;
-}
-
-/* Copy what the chunk holds into fd.  Only ranges with data are copied
- * (SEEK_DATA), so sparse areas stay sparse; memfd_secret files cannot be
- * written or seeked that way and are copied through a temporary mapping. */
-static int
-copy_contents(const prmem_chunk *ch, int fd)
-{
-    if (ch->kind == PRMEM_BACKING_SECRET) {
-        if (ch->used == 0)
-            return 0;
-        char *dst = mmap(NULL, ch->used, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (dst == MAP_FAILED)
-            return -1;
-        memcpy(dst, ch->base, ch->used); /* every used page is readable */
-        munmap(dst, ch->used);
-        return 0;
-    }
-    copy_target target = {fd, ch->base};
-    return prmem_for_each_data_range(ch->fd, (off_t)ch->used, copy_range, &target);
-}
-
 /* Give the child its own copy of chunk ci; -1 on failure (errno set). */
 static int
 privatize_chunk(PoolObject *pool, size_t ci)
 {
     prmem_chunk *ch = &pool->chunks[ci];
-    int fd = new_backing(ch->kind);
+    int fd = prmem_new_backing(ch->kind);
     if (fd < 0)
         return -1;
-    if (ftruncate(fd, (off_t)ch->size) < 0 || copy_contents(ch, fd) < 0)
+    if (ftruncate(fd, (off_t)ch->size) < 0 || prmem_copy_chunk_contents(ch, fd) < 0)
         goto fail;
     /* Map the copy over the shared mapping at the same address, all
      * PROT_NONE, then give each area back its protection. */
@@ -204,7 +172,8 @@ privatize_chunk(PoolObject *pool, size_t ci)
         if (a->chunk != ci)
             continue;
         int writable = a->state == PRMEM_WRITABLE || !prmem_enforce;
-        if (mprotect(a->start, a->size, writable ? PROT_READ | PROT_WRITE : PROT_READ) < 0) {
+        int prot = writable ? PROT_READ | PROT_WRITE : prmem_protected_prot(pool);
+        if (mprotect(a->start, a->size, prot) < 0) {
             /* the copy is mapped now, maybe still PROT_NONE in part: make it
              * readable, so the snapshot the caller falls back to can read it */
             int err = errno;
@@ -231,6 +200,56 @@ fail:
 }
 
 /*
+ * A chunk the child keeps sharing with its parent until its first change:
+ * map it again through a read-only descriptor of the same file (no copy,
+ * no page touched) and drop the read-write one.  The child then has no
+ * writable path to its parent's memory: its mapping has no "may write"
+ * right (mprotect(PROT_WRITE) fails with EACCES, /proc/self/mem writes
+ * too), it holds no descriptor that could write the file, and cannot
+ * reopen one.  Its first change copies from this mapping
+ * into a file of its own (unshare.c).  -1 if /proc is unavailable or a
+ * mapping fails: the caller copies the chunk now instead.
+ */
+static int
+share_readonly(PoolObject *pool, size_t ci)
+{
+    prmem_chunk *ch = &pool->chunks[ci];
+    char path[32] = "/proc/self/fd/";
+    char digits[12];
+    int n = 0;
+    for (unsigned v = (unsigned)ch->fd; n == 0 || v > 0; v /= 10)
+        digits[n++] = (char)('0' + v % 10);
+    size_t len = strlen(path);
+    while (n > 0)
+        path[len++] = digits[--n];
+    path[len] = '\0';
+    /* Owner read-only: the file can no longer be reopened for writing
+     * through /proc (except with CAP_DAC_OVERRIDE, which can write the
+     * parent's memory through /proc/PID/mem anyway).  Descriptors already
+     * open, such as the parent's, keep their access mode. */
+    if (fchmod(ch->fd, 0400) < 0)
+        return -1;
+    int ro = open(path, O_RDONLY | O_CLOEXEC);
+    if (ro < 0)
+        return -1;
+    if ((ch->used > 0 && mmap(ch->base, ch->used, prmem_protected_prot(pool),
+                              MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ro, 0) == MAP_FAILED) ||
+        (ch->size > ch->used &&
+         mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
+              MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ro, (off_t)ch->used) == MAP_FAILED)) {
+        close(ro);
+        return -1;
+    }
+    if (pool->dontdump)
+        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    if (pool->mlock_areas && ch->used > 0)
+        prmem_lock_range(ch->base, ch->used);
+    close(ch->fd);
+    ch->fd = ro;
+    return 0;
+}
+
+/*
  * No new file for the child: copy the used part into anonymous private
  * memory and move it over the chunk (mremap replaces the old mapping in one
  * step), areas keeping their protection; the unused tail becomes anonymous
@@ -246,11 +265,11 @@ snapshot_chunk(PoolObject *pool, size_t ci)
                           -1, 0);
         if (copy == MAP_FAILED)
             return -1;
-        memcpy(copy, ch->base, ch->used); /* every area is readable */
+        memcpy(copy, ch->base, ch->used); /* readable: see make_readable() */
         for (size_t i = 0; i < pool->nareas; i++) {
             prmem_area *a = &pool->areas[i];
             if (a->chunk == ci && a->state != PRMEM_WRITABLE && prmem_enforce)
-                mprotect(copy + (a->start - ch->base), a->size, PROT_READ);
+                mprotect(copy + (a->start - ch->base), a->size, prmem_protected_prot(pool));
         }
         if (mremap(copy, ch->used, ch->used, MREMAP_MAYMOVE | MREMAP_FIXED, ch->base) ==
             MAP_FAILED) {
@@ -275,16 +294,31 @@ snapshot_chunk(PoolObject *pool, size_t ci)
 static void
 child(void)
 {
+    size_t nshared = 0;
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
         if (!p->ready || p->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++) {
             prmem_chunk *ch = &p->chunks[ci];
-            if (ch->sealed)
-                continue; /* immutable for both processes: sharing is safe */
-            if (ch->fd < 0)
-                continue; /* a snapshot from an earlier fork: anonymous private
-                           * memory, which fork() already copies */
+            /* the parent's children are not ours */
+            ch->shared_gen = 0;
+            if (!copied_at_fork(p, ci)) {
+                ch->shared_with_parent = 0;
+                if (lazy && !ch->sealed && ch->fd >= 0 && share_readonly(p, ci) == 0) {
+                    ch->shared_with_parent = 1; /* copied on first change */
+                    nshared++;
+                    continue;
+                }
+                if (!lazy || ch->sealed || ch->fd < 0)
+                    continue;
+                /* could not be shared read-only: copied now, as below */
+            }
+            ch->shared_with_parent = 0;
+            /* copies of secret memory, and snapshots, read the mapping: a
+             * no-access chunk is made readable here, single-threaded, and
+             * the copy gets the pool's protections back */
+            if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
+                mprotect(ch->base, ch->used, PROT_READ);
             if (privatize_chunk(p, ci) < 0) {
                 /* The pool refuses changes from now on; its memory becomes
                  * a private snapshot, or, if not even anonymous memory can
@@ -295,6 +329,7 @@ child(void)
             }
         }
     }
+    prmem_lazy_fork_child(lazy, nshared);
     if (copied_pipe[0] >= 0) {
         close(copied_pipe[0]);
         close(copied_pipe[1]); /* the parent may go on */

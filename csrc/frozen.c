@@ -244,10 +244,23 @@ Iter_next(FrozenIterObject *self)
     return pair;
 }
 
+/* Each read of a no-access pool's structure holds access while it runs
+ * (prmem_fz_enter/leave); these wrap the readers the types expose. */
+static PyObject *
+Iter_next_guarded(FrozenIterObject *self)
+{
+    const prmem_extent *x = self->src->extent;
+    if (prmem_fz_enter(x) < 0)
+        return NULL;
+    PyObject *r = Iter_next(self);
+    prmem_fz_leave(x);
+    return r;
+}
+
 static PyType_Slot Iter_slots[] = {
     {Py_tp_dealloc, Iter_dealloc},
     {Py_tp_iter, PyObject_SelfIter},
-    {Py_tp_iternext, Iter_next},
+    {Py_tp_iternext, Iter_next_guarded},
     {0, NULL},
 };
 
@@ -408,14 +421,38 @@ static PyGetSetDef Frozen_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+#define GUARDED(ret, name, errval, params, args)                                   \
+    static ret name##_guarded params                                              \
+    {                                                                             \
+        const prmem_extent *x = self->extent;                                     \
+        if (prmem_fz_enter(x) < 0)                                                \
+            return errval;                                                        \
+        ret r = name args;                                                        \
+        prmem_fz_leave(x);                                                        \
+        return r;                                                                 \
+    }
+GUARDED(Py_ssize_t, Map_length, -1, (prmem_frozen *self), (self))
+GUARDED(PyObject *, Map_subscript, NULL, (prmem_frozen *self, PyObject *key), (self, key))
+GUARDED(int, Map_contains, -1, (prmem_frozen *self, PyObject *key), (self, key))
+GUARDED(PyObject *, Map_get, NULL, (prmem_frozen *self, PyObject *const *args, Py_ssize_t n),
+        (self, args, n))
+GUARDED(PyObject *, Map_thaw, NULL, (prmem_frozen *self, PyObject *unused), (self, unused))
+GUARDED(PyObject *, Map_value_slot, NULL, (prmem_frozen *self, PyObject *key), (self, key))
+GUARDED(Py_ssize_t, List_length, -1, (prmem_frozen *self), (self))
+GUARDED(PyObject *, List_subscript, NULL, (prmem_frozen *self, PyObject *key), (self, key))
+GUARDED(PyObject *, List_sq_item, NULL, (prmem_frozen *self, Py_ssize_t i), (self, i))
+GUARDED(PyObject *, List_thaw, NULL, (prmem_frozen *self, PyObject *unused), (self, unused))
+GUARDED(PyObject *, List_value_slot, NULL, (prmem_frozen *self, PyObject *i), (self, i))
+#undef GUARDED
+
 static PyMethodDef Map_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))Map_get, METH_FASTCALL,
+    {"get", (PyCFunction)(void (*)(void))Map_get_guarded, METH_FASTCALL,
      "get(key, default=None): the value for key, or default."},
-    {"thaw", (PyCFunction)Map_thaw, METH_NOARGS,
+    {"thaw", (PyCFunction)Map_thaw_guarded, METH_NOARGS,
      "thaw() -> dict: a plain copy (nested FrozenMaps/FrozenLists become dicts/lists)."},
     {"_iter_items", (PyCFunction)Map_iter_items, METH_NOARGS, "Iterator of (key, value)."},
     {"_iter_values", (PyCFunction)Map_iter_values, METH_NOARGS, "Iterator of values."},
-    {"_value_slot", (PyCFunction)Map_value_slot, METH_O, "(offset, tag) of key's value."},
+    {"_value_slot", (PyCFunction)Map_value_slot_guarded, METH_O, "(offset, tag) of key's value."},
     {"__reduce__", (PyCFunction)Frozen_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -427,10 +464,10 @@ static PyType_Slot Map_slots[] = {
     {Py_tp_iter, Map_iter},
     {Py_tp_methods, Map_methods},
     {Py_tp_getset, Frozen_getset},
-    {Py_mp_length, Map_length},
-    {Py_mp_subscript, Map_subscript},
+    {Py_mp_length, Map_length_guarded},
+    {Py_mp_subscript, Map_subscript_guarded},
     {Py_mp_ass_subscript, Map_ass_subscript},
-    {Py_sq_contains, Map_contains},
+    {Py_sq_contains, Map_contains_guarded},
     {0, NULL},
 };
 
@@ -442,9 +479,9 @@ static PyType_Spec Map_spec = {
 };
 
 static PyMethodDef List_methods[] = {
-    {"thaw", (PyCFunction)List_thaw, METH_NOARGS,
+    {"thaw", (PyCFunction)List_thaw_guarded, METH_NOARGS,
      "thaw() -> list: a plain copy (nested containers become dicts/lists)."},
-    {"_value_slot", (PyCFunction)List_value_slot, METH_O, "(offset, tag) of an item."},
+    {"_value_slot", (PyCFunction)List_value_slot_guarded, METH_O, "(offset, tag) of an item."},
     {"__reduce__", (PyCFunction)Frozen_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -456,10 +493,10 @@ static PyType_Slot List_slots[] = {
     {Py_tp_iter, List_iter},
     {Py_tp_methods, List_methods},
     {Py_tp_getset, Frozen_getset},
-    {Py_mp_length, List_length},
-    {Py_mp_subscript, List_subscript},
-    {Py_sq_length, List_length},
-    {Py_sq_item, List_sq_item},
+    {Py_mp_length, List_length_guarded},
+    {Py_mp_subscript, List_subscript_guarded},
+    {Py_sq_length, List_length_guarded},
+    {Py_sq_item, List_sq_item_guarded},
     {0, NULL},
 };
 
@@ -489,6 +526,10 @@ open_frozen(PyObject *module, PyObject *args)
     prmem_extent *x = prmem_fz_extent_new(st, (AllocationObject *)arg);
     if (x == NULL)
         return NULL;
+    if (prmem_fz_enter(x) < 0) {
+        Py_DECREF(x);
+        return NULL;
+    }
     PyObject *root = NULL;
     prmem_fz_slot slot;
     if (x->size < PRMEM_FZ_HEADER || prmem_fz_load64(x, 0) != PRMEM_FZ_MAGIC)
@@ -510,6 +551,7 @@ open_frozen(PyObject *module, PyObject *args)
         else
             root = prmem_fz_handle_new(x, (int)want_tag, node);
     }
+    prmem_fz_leave(x);
     Py_DECREF(x);
     return root;
 }

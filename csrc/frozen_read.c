@@ -141,6 +141,36 @@ prmem_fz_extent_new(prmem_module_state *st, AllocationObject *alloc)
     return x;
 }
 
+/* No-access pools (access.c): a read of a frozen structure holds access to
+ * the pool while it runs; the pages are PROT_NONE before and after.  Other
+ * pools pay one test of a flag that never changes after __init__. */
+PRMEM_INTERNAL int
+prmem_fz_enter(const prmem_extent *x)
+{
+    PoolObject *pool = x->alloc->pool;
+    if (!pool->noaccess)
+        return 0;
+    prmem_error e;
+    POOL_LOCK(pool);
+    int rc = prmem_check_usable(pool, &e) < 0 ? -1 : prmem_access_hold(pool, 0, &e);
+    POOL_UNLOCK(pool);
+    if (rc < 0)
+        prmem_raise(&e);
+    return rc;
+}
+
+PRMEM_INTERNAL void
+prmem_fz_leave(const prmem_extent *x)
+{
+    PoolObject *pool = x->alloc->pool;
+    if (!pool->noaccess)
+        return;
+    prmem_error e;
+    POOL_LOCK(pool);
+    prmem_access_release(pool, &e); /* if it cannot close, it stays readable */
+    POOL_UNLOCK(pool);
+}
+
 /* ------------------------------------------------------ checked reads */
 
 PRMEM_INTERNAL void *

@@ -40,8 +40,10 @@
  * waits (prmem_pool_lock() releases it and retries).  So the lock and the
  * GIL cannot deadlock, and no finaliser or signal handler can re-enter a
  * pool while its lock is held.  Lock order: fork registry lock -> pool lock
- * -> fault registry lock; the last two are leaf locks around short pure-C
- * sections.
+ * -> fault registry lock or unshare.c's sharers lock; those last two are
+ * leaf locks around short pure-C sections.  A rare write that must first
+ * copy memory shared with a fork()ed process (unshare.c) releases the GIL
+ * for the copy and, like a large write, the pool lock before retaking it.
  */
 #ifndef PRMEM_H
 #define PRMEM_H
@@ -158,7 +160,20 @@ typedef struct {
     int reported_sealed; /* the fault report knows it is sealed */
     dev_t dev;    /* identity of the backing file, recorded at creation: */
     ino_t ino;    /* verify() and the alias checks compare mappings to it */
+    /* Copy on first change after fork() (unshare.c): the file is still
+     * mapped by children forked since fork number shared_gen (0: none
+     * known), or by the parent (shared_with_parent).  Such a chunk is
+     * never changed in place: prmem_chunk_unshare() first. */
+    unsigned long long shared_gen;
+    int shared_with_parent;
+    int keep_data; /* released while another process maps it: no zeroing */
 } prmem_chunk;
+
+static inline int
+prmem_chunk_is_shared(const prmem_chunk *ch)
+{
+    return ch->shared_gen != 0 || ch->shared_with_parent;
+}
 
 typedef struct {
     char *start;
@@ -215,7 +230,20 @@ typedef struct PoolObject {
     int fork_errno;         /* the child could not get a private copy */
     int broken_errno;       /* a failed re-map could not be undone: unusable */
     int protect_event;      /* memory became protected: the allocator tells fault.c */
+    /* no-access pools (access.c): protected areas are PROT_NONE except
+     * while access_count > 0 (open access() blocks, views taken inside
+     * one, frozen-container reads in progress) */
+    int noaccess;
+    Py_ssize_t access_count;
 } PoolObject;
+
+/* The page protection a non-WRITABLE area has now: PROT_READ, or PROT_NONE
+ * in a no-access pool while nothing holds access (access.c). */
+static inline int
+prmem_protected_prot(const PoolObject *pool)
+{
+    return pool->noaccess && pool->access_count == 0 ? PROT_NONE : PROT_READ;
+}
 
 typedef struct {
     PyObject_HEAD
@@ -326,11 +354,22 @@ PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
 PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
 
+/* unshare.c: copy on first change after fork().  Callers hold pool->lock;
+ * no Python API (prmem_chunk_unshare may run without the GIL). */
+PRMEM_INTERNAL int prmem_new_backing(int kind);
+PRMEM_INTERNAL int prmem_copy_chunk_contents(const prmem_chunk *ch, int fd);
+PRMEM_INTERNAL int prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e);
+PRMEM_INTERNAL void prmem_pool_unshare_for_release(PoolObject *pool);
+PRMEM_INTERNAL int prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci);
+PRMEM_INTERNAL int prmem_lazy_fork_prepare(void);
+PRMEM_INTERNAL unsigned long long prmem_lazy_fork_parent(int lazy);
+PRMEM_INTERNAL void prmem_lazy_fork_child(int lazy, size_t nshared);
+
 /* share.c: sealed memory handed to and received from other processes. */
 PRMEM_INTERNAL int prmem_share_add_functions(PyObject *module);
 
 /* seal.c: READ_ONLY for good, and checking that mappings are still prmem's.
- * Same floor as areas.c; callers hold pool->lock. */
+ * Above areas.c and unshare.c; callers hold pool->lock. */
 PRMEM_INTERNAL int prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e);
 PRMEM_INTERNAL int prmem_seal_all(PoolObject *pool, prmem_error *e);
 /* One finding of prmem_verify(): area `area` is not what its state says. */
@@ -346,6 +385,7 @@ enum prmem_verify_problem {
     PRMEM_VERIFY_MOVED = 3,        /* the pool's file, but at the wrong offset */
     PRMEM_VERIFY_WEAKER = 4,       /* permissions weaker than the area's state */
     PRMEM_VERIFY_UNREADABLE = 5,   /* the pool's file, but no longer readable */
+    PRMEM_VERIFY_OPENED = 6,       /* no-access memory readable outside access() */
 };
 PRMEM_INTERNAL Py_ssize_t prmem_verify(PoolObject *pool, prmem_verify_finding *out,
                                        size_t max_out, prmem_error *e);
@@ -359,6 +399,15 @@ PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
 PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+
+/* access.c: no-access pools.  prmem_access_hold/release are called with
+ * the pool lock held and no Python API; the methods take it themselves. */
+PRMEM_INTERNAL int prmem_access_hold(PoolObject *pool, int open_if_closed, prmem_error *e);
+PRMEM_INTERNAL int prmem_access_release(PoolObject *pool, prmem_error *e);
+PRMEM_INTERNAL int prmem_access_refuse_read(PoolObject *pool, const prmem_area *area,
+                                            prmem_error *e);
+PRMEM_INTERNAL PyObject *prmem_pool_access_enter(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_access_leave(PoolObject *self, PyObject *unused);
 
 /* report.c: Pool._stats() and Pool._verify(). */
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
@@ -493,6 +542,8 @@ prmem_fz_key_tag(uint32_t tag)
 
 PRMEM_INTERNAL extern PyType_Spec prmem_extent_spec;
 PRMEM_INTERNAL prmem_extent *prmem_fz_extent_new(prmem_module_state *st, AllocationObject *alloc);
+PRMEM_INTERNAL int prmem_fz_enter(const prmem_extent *x);   /* 0, or -1 with an exception */
+PRMEM_INTERNAL void prmem_fz_leave(const prmem_extent *x);
 PRMEM_INTERNAL void *prmem_fz_corrupt(const prmem_extent *x, const char *what, uint64_t at);
 PRMEM_INTERNAL int prmem_fz_map_node(const prmem_extent *x, uint64_t node, uint64_t *count,
                                      uint64_t *nbuckets);

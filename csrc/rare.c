@@ -36,6 +36,7 @@ rare_store(PoolObject *expect_pool, AllocationObject *dst, Py_ssize_t off, const
         return -1;
     }
     prmem_error e;
+retry:
     POOL_LOCK(pool);
     if (prmem_check_changeable(pool, &e) < 0)
         goto fail;
@@ -51,6 +52,21 @@ rare_store(PoolObject *expect_pool, AllocationObject *dst, Py_ssize_t off, const
     if (area->state == PRMEM_READ_ONLY) {
         prmem_refuse_write(pool, area->state, &e);
         goto fail;
+    }
+    if (area->state != PRMEM_WRITABLE && prmem_chunk_is_shared(&pool->chunks[area->chunk])) {
+        /* First change since fork(): maybe a private copy of the whole
+         * chunk first (unshare.c), without the GIL, which is taken back
+         * after the pool lock is released (see prmem.h); then start over. */
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = prmem_chunk_unshare(pool, area->chunk, &e);
+        POOL_UNLOCK(pool);
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            prmem_raise(&e);
+            return -1;
+        }
+        goto retry;
     }
     if (area->state == PRMEM_WRITABLE) {
         if (src != NULL)

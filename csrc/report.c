@@ -85,7 +85,8 @@ prmem_pool_stats(PoolObject *self, PyObject *unused)
         by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
         (size_t)self->exports, (size_t)self->wexports, (size_t)self->mode,
         (size_t)self->secret, (size_t)self->dontdump, (size_t)self->lock_requested,
-        (size_t)self->seal, descriptors,
+        (size_t)self->seal, descriptors, (size_t)self->noaccess,
+        (size_t)(self->access_count > 0 ? self->access_count : 0),
     };
     POOL_UNLOCK(self);
     static const char *keys[] = {
@@ -93,7 +94,8 @@ prmem_pool_stats(PoolObject *self, PyObject *unused)
         "bytes_requested", "bytes_mapped", "bytes_reserved", "bytes_lost_to_protection",
         "bytes_free", "areas_writable", "areas_write_rare", "areas_read_only",
         "buffer_views", "writable_buffer_views", "mode",
-        "secret", "dontdump", "locked", "seal", "descriptors",
+        "secret", "dontdump", "locked", "seal", "descriptors", "noaccess",
+        "access_holders",
     };
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
         if (dict_set_size(d, keys[i], vals[i]) < 0) {

@@ -224,7 +224,8 @@ restore_chunk(PoolObject *pool, size_t ci)
         prmem_area *a = &pool->areas[i];
         if (a->chunk != ci)
             continue;
-        int prot = a->state == PRMEM_WRITABLE ? PROT_READ | PROT_WRITE : PROT_READ;
+        int prot = a->state == PRMEM_WRITABLE ? PROT_READ | PROT_WRITE
+                                               : prmem_protected_prot(pool);
         if (mprotect(a->start, a->size, prot) < 0)
             return -1;
     }
@@ -300,11 +301,13 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
                           pool->cname, path, strerror(errno));
     if (pool->mlock_areas && ch->used > 0)
         prmem_unlock_range(ch->base, ch->used); /* re-locking stays within the limit */
-    /* The used part readable, the unused tail inaccessible; neither mapping
-     * has the right to become writable (no VM_MAYWRITE). */
+    /* The used part readable (unless the pool is no-access and closed), the
+     * unused tail inaccessible; neither mapping has the right to become
+     * writable (no VM_MAYWRITE). */
     const char *what = "mmap";
+    int prot = prmem_protected_prot(pool);
     int failed = ch->used > 0 &&
-                 mmap(ch->base, ch->used, PROT_READ, MAP_SHARED | MAP_FIXED, ro, 0) == MAP_FAILED;
+                 mmap(ch->base, ch->used, prot, MAP_SHARED | MAP_FIXED, ro, 0) == MAP_FAILED;
     if (!failed && ch->size > ch->used)
         failed = mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
                       MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ro, (off_t)ch->used) == MAP_FAILED;
@@ -325,7 +328,8 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
     /* The re-map dropped the page-table entries: map the pages that hold
      * data back in now, so the first read does not fault on every one
      * (holes stay holes: populating them would allocate memory). */
-    prmem_for_each_data_range(ro, (off_t)ch->used, populate_range, ch->base);
+    if (prot == PROT_READ)
+        prmem_for_each_data_range(ro, (off_t)ch->used, populate_range, ch->base);
     *ro_fd = ro;
     return 0;
 }
@@ -338,7 +342,7 @@ seal_unsealable(PoolObject *pool, size_t ci, prmem_error *e)
     prmem_chunk *ch = &pool->chunks[ci];
     if (check_no_alias(pool, ch, e) < 0)
         return -1;
-    if (ch->used > 0 && mprotect(ch->base, ch->used, PROT_READ) < 0) {
+    if (ch->used > 0 && mprotect(ch->base, ch->used, prmem_protected_prot(pool)) < 0) {
         int err = errno;
         for (size_t i = 0; i < pool->nareas; i++) {
             prmem_area *a = &pool->areas[i];
@@ -363,6 +367,9 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     if (ch->sealed)
         return 0;
     int ro_fd = -1;
+    /* the seal would bind a fork()ed process that still maps the file */
+    if (prmem_chunk_unshare(pool, ci, e) < 0)
+        return -1;
     if (prmem_enforce) {
         int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e, &ro_fd)
                                                   : seal_unsealable(pool, ci, e);
@@ -483,7 +490,11 @@ verify_mapping(void *ctx, const maps_entry *m)
             add_finding(s, ai, from, to, PRMEM_VERIFY_MOVED, m->perms);
             continue;
         }
-        if (m->perms[0] != 'r')
+        /* no-access memory outside access(): nothing may be readable */
+        int closed = a->state != PRMEM_WRITABLE && prmem_protected_prot(pool) == PROT_NONE;
+        if (closed && (m->perms[0] == 'r' || m->perms[1] == 'w'))
+            add_finding(s, ai, from, to, PRMEM_VERIFY_OPENED, m->perms);
+        else if (!closed && m->perms[0] != 'r')
             add_finding(s, ai, from, to, PRMEM_VERIFY_UNREADABLE, m->perms);
         else if (m->perms[1] == 'w' && a->state != PRMEM_WRITABLE)
             add_finding(s, ai, from, to, PRMEM_VERIFY_WEAKER, m->perms);

@@ -18,6 +18,7 @@ from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from typing import Any, Optional, Tuple, Union
 
 from . import _core
+from .errors import ProtectionError
 
 __all__ = ["FrozenList", "FrozenMap"]
 
@@ -166,7 +167,11 @@ def freeze(pool: Any, obj: Any) -> Union[FrozenMap, FrozenList]:
     """Copy ``obj`` into ``pool`` and return a handle (see Pool.freeze)."""
     data = _core.freeze_encode(obj)  # TypeError/ValueError before any allocation
     allocation = pool._alloc_init(data, 3)
-    return _core.open_frozen(allocation)  # type: ignore[no-any-return]
+    pool._access_enter()  # a no-access pool's header is checked now
+    try:
+        return _core.open_frozen(allocation)  # type: ignore[no-any-return]
+    finally:
+        pool._access_leave()
 
 
 
@@ -185,6 +190,12 @@ def array(pool: Any, data: Any = None, dtype: Any = None, *,
         raise TypeError("Pool.array() takes data or shape=, not both")
     else:
         source = numpy.ascontiguousarray(data, dtype=dtype)
+    if getattr(pool, "noaccess", False):
+        raise ProtectionError(
+            f"Pool.array() cannot be used on the no-access pool {pool.name!r}: numpy reads "
+            "an array's memory without asking prmem, so a kept array would keep the pool "
+            "readable.  Store the bytes (pool.alloc/Allocation.write), then inside "
+            "`with pool.access():` use numpy.frombuffer(memoryview(allocation), dtype)")
     raw = source.tobytes()
     if not raw:
         raise ValueError("Pool.array(): an empty array has no memory to protect")

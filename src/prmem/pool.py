@@ -86,6 +86,7 @@ _VERIFY_PROBLEMS = {
     3: "the pool's file mapped at the wrong offset",
     4: "writable although protected",
     5: "not readable",
+    6: "readable outside access() (no-access pool)",
 }
 
 
@@ -120,7 +121,9 @@ class PoolStats:
     space held for them; ``bytes_lost_to_protection`` the unused tails of
     areas closed by protect()/make_ro(); ``bytes_free`` what is left in the
     current area; ``descriptors`` the file descriptors the pool holds (one
-    per chunk that is not sealed READ_ONLY).
+    per chunk that is not sealed READ_ONLY); ``noaccess`` whether it is a
+    no-access pool and ``access_holders`` what holds access to it now (open
+    ``access()`` blocks, buffer views, frozen-container reads in progress).
     """
 
     name: str
@@ -142,6 +145,8 @@ class PoolStats:
     locked: bool
     seal: bool
     descriptors: int
+    noaccess: bool = False
+    access_holders: int = 0
 
     @property
     def bytes_lost(self) -> int:
@@ -160,6 +165,23 @@ class PoolStats:
         d["mode"] = self.mode.name
         d["areas_by_state"] = {state.name: n for state, n in self.areas_by_state.items()}
         return d
+
+
+class Access:
+    """``with pool.access():`` — see :meth:`Pool.access`.  Re-usable and
+    re-entrant: each ``__enter__`` holds access once more."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: "Pool") -> None:
+        self._pool = pool
+
+    def __enter__(self) -> "Pool":
+        self._pool._access_enter()
+        return self._pool
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool._access_leave()
 
 
 class Pool(_core.Pool):
@@ -189,6 +211,13 @@ class Pool(_core.Pool):
     in it) can be passed to other processes: through multiprocessing, or
     ``prmem.send()``/``prmem.recv()``.  Otherwise sealed memory keeps no
     descriptor at all.
+
+    ``noaccess=True`` makes protected memory unreadable too: once an area
+    is WRITE_RARE or READ_ONLY its pages are ``PROT_NONE`` except inside
+    ``with pool.access():`` (see :meth:`access`).  Meant for keys and
+    tokens, with or without ``secret=True``; it cannot be combined with
+    ``seal=True`` (access() needs ``mprotect``, which ``mseal`` forbids) or
+    ``share=True``.
     """
 
     __slots__ = ()
@@ -205,6 +234,7 @@ class Pool(_core.Pool):
         dontdump: bool = False,
         lock: bool = False,
         share: bool = False,
+        noaccess: bool = False,
     ) -> None:
         mode = _to_mode(mode)
         if not isinstance(name, str):
@@ -221,7 +251,32 @@ class Pool(_core.Pool):
             raise ValueError(f"align_order must be between 0 and {_core.page_shift} "
                              f"(log2 of the page size), got {align_order}")
         super().__init__(int(mode), name, refill, align_order, bool(seal), False,
-                         bool(secret), bool(dontdump), bool(lock), bool(share))
+                         bool(secret), bool(dontdump), bool(lock), bool(share),
+                         bool(noaccess))
+
+    @property
+    def noaccess(self) -> bool:
+        """True for a no-access pool (``Pool(noaccess=True)``)."""
+        return bool(self._stats()["noaccess"])
+
+    def access(self) -> "Access":
+        """Open a no-access pool's protected memory for reading, as a
+        context manager::
+
+            with pool.access():
+                key = bytes(allocation)
+
+        Inside the block reads work (``bytes(a)``, ``a[i]``, memoryviews,
+        ``Pool.array()`` views, FrozenMap/FrozenList lookups, native code);
+        outside it they raise :class:`ProtectionError`, and a native read
+        dies with SIGSEGV and a fault report naming no-access memory.
+        Blocks nest and count across threads: the pages become
+        ``PROT_NONE`` again when the last one is left.  A buffer view taken
+        inside a block keeps the memory readable until it is released.
+        Rare writes need no access().  On a pool that is not no-access the
+        block does nothing.
+        """
+        return Access(self)
 
     @property
     def attached(self) -> bool:
@@ -264,6 +319,8 @@ class Pool(_core.Pool):
             locked=bool(raw["locked"]),
             seal=bool(raw["seal"]),
             descriptors=raw["descriptors"],
+            noaccess=bool(raw["noaccess"]),
+            access_holders=raw["access_holders"],
         )
 
     def verify(self) -> None:

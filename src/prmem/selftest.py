@@ -272,6 +272,34 @@ perms = [l.split()[1] for l in open("/proc/self/maps")
          if int(l.split("-")[0], 16) <= page < int(l.split()[0].split("-")[1], 16)]
 outcome("written" if a[0] == ord("!") and perms == ["r--s"] else "wrong: %r" % perms)
 """, requires=_SECRET),
+    Scenario("no-access pool: native read outside access()", "SIGSEGV", """
+pool = Pool(Mode.WR, name="selftest-keys", noaccess=True)
+a = pool.alloc(32)
+a.write(b"key material")
+pool.protect()
+armed()
+ctypes.string_at(a.address, 1)
+outcome("read")
+""", stderr_must=("fatal read of no-access memory", "pool: 'selftest-keys'")),
+    Scenario("no-access pool: native read inside access()", "read", """
+pool = Pool(Mode.WR, name="selftest", noaccess=True)
+a = pool.alloc(32)
+a.write(b"key material")
+pool.protect()
+with pool.access():
+    outcome("read" if ctypes.string_at(a.address, 3) == b"key" else "wrong")
+"""),
+    Scenario("fork: a child's view of shared write-rare memory: mprotect(PROT_WRITE)",
+             "EACCES", """
+pool, a = filled(Mode.WR)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, try_mprotect_write(a).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+outcome(os.read(r, 64).decode())
+"""),
     Scenario("fork: each process sees only its own writes", "isolated", """
 pool, a = filled(Mode.WR)
 plain = pool.alloc(8)

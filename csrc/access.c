@@ -1,0 +1,130 @@
+/*
+ * No-access pools: Pool(noaccess=True).  Once protected, their memory is
+ * PROT_NONE (neither readable nor writable) except while something holds
+ * access: a `with pool.access():` block, a buffer view taken inside one,
+ * or a frozen-container read in progress.  pool->access_count counts the
+ * holders, across threads; the pages become readable when it leaves 0 and
+ * PROT_NONE again when it returns to 0.  WRITABLE areas (not protected yet)
+ * are not affected, and rare writes need no access: they go through the
+ * memory file (or, for secret pools, a second short-lived mapping).
+ *
+ * Every protection prmem sets elsewhere (areas.c, seal.c, unshare.c,
+ * fork.c) comes from prmem_protected_prot(), so a state change or a copy
+ * made while access is closed stays closed.  Same floor as the allocator.
+ */
+#include "prmem.h"
+
+#include <errno.h>
+#include <sys/mman.h>
+
+/* Give every protected area of the pool protection prot, one mprotect per
+ * run of adjacent protected areas of the same chunk. */
+static int
+set_protected_areas(PoolObject *pool, int prot)
+{
+    if (!prmem_enforce)
+        return 0;
+    size_t i = 0;
+    while (i < pool->nareas) {
+        const prmem_area *a = &pool->areas[i];
+        if (a->state == PRMEM_WRITABLE) {
+            i++;
+            continue;
+        }
+        char *end = a->start + a->size;
+        size_t j = i + 1;
+        while (j < pool->nareas && pool->areas[j].state != PRMEM_WRITABLE &&
+               pool->areas[j].chunk == a->chunk && pool->areas[j].start == end) {
+            end += pool->areas[j].size;
+            j++;
+        }
+        if (mprotect(a->start, (size_t)(end - a->start), prot) < 0)
+            return -1;
+        i = j;
+    }
+    return 0;
+}
+
+PRMEM_INTERNAL int
+prmem_access_refuse_read(PoolObject *pool, const prmem_area *area, prmem_error *e)
+{
+    if (!pool->noaccess || area->state == PRMEM_WRITABLE || pool->access_count > 0)
+        return 0;
+    return prmem_fail(e, pool->mstate->ProtectionError,
+                      "prmem pool '%.200s' is no-access: its %s memory can only be read "
+                      "inside `with pool.access():`",
+                      pool->cname, prmem_state_name(area->state));
+}
+
+PRMEM_INTERNAL int
+prmem_access_hold(PoolObject *pool, int open_if_closed, prmem_error *e)
+{
+    if (!pool->noaccess)
+        return 0;
+    if (pool->access_count == 0) {
+        if (!open_if_closed)
+            return prmem_fail(e, pool->mstate->ProtectionError,
+                              "prmem pool '%.200s' is no-access: its memory can only be read "
+                              "inside `with pool.access():`",
+                              pool->cname);
+        if (set_protected_areas(pool, PROT_READ) < 0) {
+            int err = errno;
+            set_protected_areas(pool, PROT_NONE); /* all or nothing */
+            return prmem_fail_os(e, "mprotect", err);
+        }
+    }
+    pool->access_count++;
+    return 0;
+}
+
+PRMEM_INTERNAL int
+prmem_access_release(PoolObject *pool, prmem_error *e)
+{
+    if (!pool->noaccess || pool->access_count <= 0)
+        return 0;
+    if (--pool->access_count > 0)
+        return 0;
+    if (pool->destroyed || pool->areas == NULL)
+        return 0;
+    if (set_protected_areas(pool, PROT_NONE) < 0) {
+        /* Cannot close (mprotect failed, e.g. out of memory for a VMA
+         * split): the pool stays usable but not no-access; say so. */
+        int err = errno;
+        pool->access_count++; /* still open: keep the count true */
+        return prmem_fail_os(e, "mprotect", err);
+    }
+    return 0;
+}
+
+PRMEM_INTERNAL PyObject *
+prmem_pool_access_enter(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    prmem_error e;
+    POOL_LOCK(self);
+    if (prmem_check_usable(self, &e) < 0 || prmem_access_hold(self, 1, &e) < 0) {
+        POOL_UNLOCK(self);
+        return prmem_raise(&e);
+    }
+    POOL_UNLOCK(self);
+    Py_RETURN_NONE;
+}
+
+PRMEM_INTERNAL PyObject *
+prmem_pool_access_leave(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    prmem_error e;
+    POOL_LOCK(self);
+    if (self->noaccess && self->access_count <= 0) {
+        POOL_UNLOCK(self);
+        PyErr_SetString(PyExc_RuntimeError, "pool.access() left more often than entered");
+        return NULL;
+    }
+    int rc = prmem_access_release(self, &e);
+    prmem_release_if_pending(self);
+    POOL_UNLOCK(self);
+    if (rc < 0)
+        return prmem_raise(&e);
+    Py_RETURN_NONE;
+}
