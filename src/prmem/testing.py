@@ -20,6 +20,7 @@ This module does not need pytest.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import faulthandler
@@ -29,7 +30,7 @@ import select
 import signal
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from . import _core
 from .errors import ProtectionError
@@ -52,6 +53,8 @@ class _Extent:
     pool: Any = None                  # the prmem pool, when there is one
     allocation: Any = None            # the Allocation holding all the bytes
     noaccess: bool = False            # reads must fault too
+    # makes the bytes readable here for a moment (None: they cannot be)
+    access: Optional[Callable[[], ContextManager[Any]]] = contextlib.nullcontext
 
     @property
     def length(self) -> int:
@@ -67,9 +70,18 @@ class _Extent:
 
 def _noaccess(pool: Any) -> bool:
     """True if ``pool``'s memory must not even be read: a pool made with
-    ``noaccess=True``.  Then reads are probed as well as writes, and this
-    process does not read the bytes itself."""
+    ``noaccess=True``.  Then reads are probed as well as writes."""
     return bool(getattr(pool, "noaccess", False))
+
+
+def _access(pool: Any) -> Optional[Callable[[], ContextManager[Any]]]:
+    """What makes ``pool``'s memory readable in this process for a moment:
+    nothing for ordinary memory, ``pool.access()`` for a no-access pool;
+    None if a no-access pool has no such way (then it is not read here)."""
+    if not _noaccess(pool):
+        return contextlib.nullcontext
+    access = getattr(pool, "access", None)
+    return access if callable(access) else None
 
 
 # -------------------------------------------------------------- extents
@@ -129,15 +141,23 @@ def _pool_ranges(pool: Any) -> _Extent:
 
     stats = pool.stats()
     noaccess = _noaccess(pool)
+    access = _access(pool)
     label = "(secret pool)" if stats.secret else pool.name
-    mine = [m for m in mappings(os.getpid())
-            if m.pool == label or m.pool.startswith(label + " (attached from pid ")]
-    if noaccess:
+
+    def mine() -> List[Any]:
+        return [m for m in mappings(os.getpid())
+                if m.pool == label or m.pool.startswith(label + " (attached from pid ")]
+
+    if access is None:
         # areas and the unused rest of each reservation are both mapped
-        # without access: probe it all (both must fault)
-        chosen, expected, what = mine, stats.bytes_reserved, "reserved"
+        # without access, and nothing here tells them apart: probe it all
+        # (both must fault)
+        chosen, expected, what = mine(), stats.bytes_reserved, "reserved"
     else:
-        chosen = [m for m in mine if not m.perms.startswith("---")]
+        # a no-access pool's areas are readable inside pool.access(), its
+        # unused reservation is not
+        with access():
+            chosen = [m for m in mine() if not m.perms.startswith("---")]
         expected, what = stats.bytes_mapped, "mapped"
     if expected == 0:
         raise ValueError(f"pool {pool.name!r} has no memory to check: allocate first")
@@ -155,7 +175,7 @@ def _pool_ranges(pool: Any) -> _Extent:
             ranges[-1] = (ranges[-1][0], ranges[-1][1] + m.size)
         else:
             ranges.append((m.start, m.size))
-    return _Extent(f"pool {pool.name!r}", ranges, pool, None, noaccess)
+    return _Extent(f"pool {pool.name!r}", ranges, pool, None, noaccess, access)
 
 
 def _extent(obj: Any) -> _Extent:
@@ -163,12 +183,13 @@ def _extent(obj: Any) -> _Extent:
         return _pool_ranges(obj)
     if isinstance(obj, _core.Allocation):
         return _Extent(f"allocation of {obj.size} bytes in pool {obj.pool.name!r}",
-                       [(obj.address, obj.size)], obj.pool, obj, _noaccess(obj.pool))
+                       [(obj.address, obj.size)], obj.pool, obj, _noaccess(obj.pool),
+                       _access(obj.pool))
     if isinstance(obj, (_core.FrozenMap, _core.FrozenList)):
         kind = "FrozenMap" if isinstance(obj, _core.FrozenMap) else "FrozenList"
         return _Extent(f"{kind} structure of {obj.nbytes} bytes in pool {obj.pool.name!r}",
                        [(obj.address, obj.nbytes)], obj.pool, obj._allocation,
-                       _noaccess(obj.pool))
+                       _noaccess(obj.pool), _access(obj.pool))
     if hasattr(obj, "__array_interface__"):
         from .sharing import _array_source
         address, length = _array_span(obj)
@@ -178,7 +199,8 @@ def _extent(obj: Any) -> _Extent:
                            [(address, length)])
         alloc = source.allocation
         return _Extent(f"array of {length} bytes in pool {alloc.pool.name!r}",
-                       [(address, length)], alloc.pool, alloc, _noaccess(alloc.pool))
+                       [(address, length)], alloc.pool, alloc, _noaccess(alloc.pool),
+                       _access(alloc.pool))
     try:
         address, length = _buffer_span(obj)
     except (TypeError, BufferError) as e:
@@ -371,6 +393,15 @@ def _fail(extent: _Extent, problems: List[str], total: int, seed: int, obj: Any)
     raise AssertionError("\n  ".join([head] + lines) + "\n(" + "; ".join(hints) + ")")
 
 
+def _read_bytes(extent: _Extent, addresses: List[int]) -> Dict[int, bytes]:
+    """The bytes at ``addresses``, read here (inside ``pool.access()`` for
+    a no-access pool); {} if they cannot be read."""
+    if extent.access is None:
+        return {}
+    with extent.access():
+        return {a: ctypes.string_at(a, 1) for a in addresses}
+
+
 def assert_protected(obj: Any, *, samples: int = 64, seed: Optional[int] = None,
                      timeout: float = 60.0) -> None:
     """Fail unless a native write to any byte of ``obj`` dies with SIGSEGV.
@@ -386,8 +417,9 @@ def assert_protected(obj: Any, *, samples: int = 64, seed: Optional[int] = None,
     ``obj``: an Allocation, a FrozenMap/FrozenList (the whole structure), a
     ``Pool.array()`` array or view, a Pool (every area it has mapped, found
     by its name in /proc/self/maps: ValueError if another mapped pool has the
-    same name), or any object with a contiguous buffer.  In a pool with a
-    true ``noaccess`` attribute, reads are probed too and must die.
+    same name), or any object with a contiguous buffer.  In a no-access pool
+    (``Pool(noaccess=True)``) reads are probed too and must die; the bytes
+    are compared here inside ``pool.access()``, so call it outside one.
     ``seed`` makes the random bytes reproducible (a failure names its seed).
     If the probes take longer than ``timeout`` seconds, they are killed and
     the assertion fails.
@@ -414,9 +446,11 @@ def assert_protected(obj: Any, *, samples: int = 64, seed: Optional[int] = None,
     offsets.update(random.Random(seed).sample(inner, min(samples, len(inner))))
     kinds = ("write", "read") if extent.noaccess else ("write",)
     probes = [(extent.address_of(off), kind) for off in sorted(offsets) for kind in kinds]
+    # the children read a byte before writing it, unless reads must fault
     readable = not extent.noaccess
-    before = {a: ctypes.string_at(a, 1) for a, _k in probes} if readable else {}
+    before = _read_bytes(extent, [a for a, _k in probes])
     results = _run_probes(probes, readable, timeout)
+    after = _read_bytes(extent, [a for a, _k in probes])
     problems = []
     for off in sorted(offsets):
         address = extent.address_of(off)
@@ -428,10 +462,9 @@ def assert_protected(obj: Any, *, samples: int = 64, seed: Optional[int] = None,
             if what is not None:
                 problems.append(f"byte {off} ({address:#x}, mapped "
                                 f"{_perms_at(maps, address)}): {what}")
-        if readable and ctypes.string_at(address, 1) != before[address]:
+        if before.get(address) != after.get(address):
             problems.append(f"byte {off} ({address:#x}): changed in this process from "
-                            f"{before[address][0]:#04x} to "
-                            f"{ctypes.string_at(address, 1)[0]:#04x}")
+                            f"{before[address][0]:#04x} to {after[address][0]:#04x}")
     if problems:
         _fail(extent, problems, len(probes), seed, obj)
 
@@ -459,9 +492,11 @@ def assert_write_rare(obj: Any, *, samples: int = 64, seed: Optional[int] = None
     base = address - alloc.address
     spans = sorted({(0, min(length, _RARE_SPAN)),
                     (max(0, length - _RARE_SPAN), min(length, _RARE_SPAN))})
+    access = extent.access or contextlib.nullcontext
     for off, n in spans:
         lo, hi = base + off, base + off + n
-        original = bytes(alloc[lo:hi])
+        with access():
+            original = bytes(alloc[lo:hi])
         flipped = original.translate(_FLIP)
         try:
             _core.rare_write(alloc, flipped, lo)
@@ -469,12 +504,16 @@ def assert_write_rare(obj: Any, *, samples: int = 64, seed: Optional[int] = None
             raise AssertionError(f"assert_write_rare: rare_write() to byte {off} of "
                                  f"{extent.what} was refused: {e}") from None
         try:
-            if bytes(alloc[lo:hi]) != flipped:
+            with access():
+                changed = bytes(alloc[lo:hi])
+            if changed != flipped:
                 raise AssertionError(f"assert_write_rare: rare_write() to bytes {off}.."
                                      f"{off + n - 1} of {extent.what} returned, but the "
                                      "bytes did not change")
         finally:
             _core.rare_write(alloc, original, lo)
-        if bytes(alloc[lo:hi]) != original:
+        with access():
+            restored = bytes(alloc[lo:hi])
+        if restored != original:
             raise AssertionError(f"assert_write_rare: could not restore bytes {off}.."
                                  f"{off + n - 1} of {extent.what}")
