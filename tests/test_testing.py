@@ -12,6 +12,7 @@ import importlib.metadata
 import os
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -216,6 +217,47 @@ def test_a_hung_probe_is_killed_and_fails(monkeypatch):
     with pytest.raises(AssertionError, match=r"did not finish within 0.5 s \(0 of 2 done\)"):
         assert_protected(bytearray(2), timeout=0.5)
     assert time.monotonic() - started < 10
+
+
+@enforced
+@pytest.mark.skipif(not {"memfd", "memfd_seal_future_write"} <= prmem.features,
+                    reason="sharing needs sealed memfd memory")
+def test_pool_received_from_a_process_and_its_original():
+    pool = prmem.Pool(name="shared-orig", share=True)
+    try:
+        table = pool.freeze({"a": list(range(100))})
+        pool.protect()
+        left, right = socket.socketpair()
+        with left, right:
+            prmem.send(left, pool)
+            received = prmem.recv(right)
+        assert received.attached and received.name == pool.name
+        # same name, both mapped here: each is told apart all the same
+        assert_protected(received, samples=8)
+        assert_protected(pool, samples=8)
+        received.destroy()
+    finally:
+        del table
+        pool.destroy()
+
+
+@enforced
+@pytest.mark.skipif("memfd_secret" not in prmem.features, reason="kernel lacks memfd_secret")
+def test_secret_pool():
+    pool = prmem.Pool(Mode.WR, secret=True, name="secret-one")
+    other = prmem.Pool(secret=True, name="secret-two")
+    try:
+        a = pool.alloc(100)
+        pool.protect()
+        assert_write_rare(a, samples=8)
+        assert_protected(pool, samples=8)
+        other.alloc(1)      # secret pools' files carry no name: now ambiguous
+        with pytest.raises(ValueError, match="memory files of secret pools carry no name"):
+            assert_protected(pool)
+    finally:
+        del a
+        pool.destroy()
+        other.destroy()
 
 
 # ------------------------------------------------------------ no-access pools

@@ -143,10 +143,14 @@ def _pool_ranges(pool: Any) -> _Extent:
     noaccess = _noaccess(pool)
     access = _access(pool)
     label = "(secret pool)" if stats.secret else pool.name
+    attached = bool(getattr(pool, "attached", False))
 
     def mine() -> List[Any]:
+        # memory received from another process is named "<pool> (attached
+        # from pid N)" (the sender may be this process: then both are mapped)
         return [m for m in mappings(os.getpid())
-                if m.pool == label or m.pool.startswith(label + " (attached from pid ")]
+                if (m.pool.startswith(label + " (attached from pid ") if attached
+                    else m.pool == label)]
 
     if access is None:
         # areas and the unused rest of each reservation are both mapped
@@ -162,6 +166,12 @@ def _pool_ranges(pool: Any) -> _Extent:
     if expected == 0:
         raise ValueError(f"pool {pool.name!r} has no memory to check: allocate first")
     found = sum(m.size for m in chosen)
+    if found != expected and stats.secret:
+        raise ValueError(
+            f"cannot tell the memory of secret pool {pool.name!r} apart: the memory files "
+            f"of secret pools carry no name, and /proc/self/maps shows {found} bytes of "
+            f"them where this pool has {expected} bytes {what}. Another secret pool is "
+            "mapped too: check this pool's allocations one by one")
     if found != expected:
         raise ValueError(
             f"cannot tell the memory of pool {pool.name!r} apart: its memory files are "
