@@ -94,6 +94,7 @@ class Sodium:
         self.free = _fn(lib, "sodium_free", None, [c_void_p], what)
         self.mprotect_readonly = _fn(lib, "sodium_mprotect_readonly", c_int, [c_void_p], what)
         self.mprotect_readwrite = _fn(lib, "sodium_mprotect_readwrite", c_int, [c_void_p], what)
+        self.mprotect_noaccess = _fn(lib, "sodium_mprotect_noaccess", c_int, [c_void_p], what)
 
 
 class OpenSSLSecureHeap:

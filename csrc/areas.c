@@ -153,8 +153,9 @@ prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what, size_t si
                       "prmem pool '%.200s': cannot lock %zu more bytes in memory for %s (%s): "
                       "locked memory is limited by RLIMIT_MEMLOCK (now %s); raise it with "
                       "`ulimit -l`, LimitMEMLOCK= in systemd or /etc/security/limits.conf, or "
-                      "make the pool smaller",
-                      pool->cname, size, what, strerror(err), limit);
+                      "lock less: each secret or lock=True pool locks at least refill= bytes "
+                      "(%zu for this pool), so a smaller refill= or fewer such pools help",
+                      pool->cname, size, what, strerror(err), limit, pool->refill);
 }
 
 static int
@@ -351,8 +352,8 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
             return fail_nomemory(pool, e, size, "mmap", err);
         return prmem_fail_os(e, "mmap", err);
     }
-    if (pool->dontdump)
-        madvise(base, size, MADV_DONTDUMP);
+    if (pool->dontdump && !pool->noaccess)
+        madvise(base, size, MADV_DONTDUMP); /* no-access pools: per area, below */
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
     memset(ch, 0, sizeof(*ch));
     ch->base = base;
@@ -453,6 +454,8 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
         mprotect(start, area_size, PROT_NONE); /* leave the pool as it was */
         return prmem_fail_memlock(pool, e, "lock=True", area_size, err);
     }
+    if (pool->noaccess)
+        madvise(start, area_size, MADV_DONTDUMP); /* see prmem_dontdump() */
     ch->used += area_size;
     prmem_area *area = &pool->areas[pool->nareas];
     area->start = start;

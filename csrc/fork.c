@@ -39,9 +39,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef MADV_DONTDUMP
-#define MADV_DONTDUMP 16
-#endif
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static PoolObject *registry_head;
@@ -182,8 +179,7 @@ privatize_chunk(PoolObject *pool, size_t ci)
             goto fail;
         }
     }
-    if (pool->dontdump)
-        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    prmem_dontdump(pool, ch, ch->base);
     if (pool->mlock_areas && ch->used > 0)
         mlock(ch->base, ch->used);
     struct stat st;
@@ -240,8 +236,7 @@ share_readonly(PoolObject *pool, size_t ci)
         close(ro);
         return -1;
     }
-    if (pool->dontdump)
-        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    prmem_dontdump(pool, ch, ch->base);
     if (pool->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     close(ch->fd);
@@ -281,8 +276,7 @@ snapshot_chunk(PoolObject *pool, size_t ci)
         mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
         return -1;
-    if (pool->dontdump)
-        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    prmem_dontdump(pool, ch, ch->base);
     if (ch->fd >= 0)
         close(ch->fd);
     ch->fd = -1;

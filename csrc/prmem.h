@@ -237,6 +237,23 @@ typedef struct PoolObject {
     Py_ssize_t access_count;
 } PoolObject;
 
+/* MADV_DONTDUMP where the pool wants it, on chunk ch mapped at base (its
+ * own address, or a copy's before it is moved there): a dontdump pool's
+ * whole chunk; a no-access pool's used part only, always (a core dump
+ * reads PROT_NONE memory too), so that its unused PROT_NONE tail differs
+ * from closed areas and access() never merges them into one mapping to
+ * split it again on the next open. */
+static inline void
+prmem_dontdump(const PoolObject *pool, const prmem_chunk *ch, char *base)
+{
+    if (pool->noaccess) {
+        if (ch->used > 0)
+            madvise(base, ch->used, MADV_DONTDUMP);
+    }
+    else if (pool->dontdump)
+        madvise(base, ch->size, MADV_DONTDUMP);
+}
+
 /* The page protection a non-WRITABLE area has now: PROT_READ, or PROT_NONE
  * in a no-access pool while nothing holds access (access.c). */
 static inline int

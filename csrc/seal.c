@@ -229,8 +229,7 @@ restore_chunk(PoolObject *pool, size_t ci)
         if (mprotect(a->start, a->size, prot) < 0)
             return -1;
     }
-    if (pool->dontdump)
-        madvise(ch->base, ch->size, MADV_DONTDUMP);
+    prmem_dontdump(pool, ch, ch->base);
     if (pool->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     return 0;
@@ -323,8 +322,8 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
         close(ro);
         return fail_seal(pool, ci, e, what, err);
     }
-    if (pool->dontdump && ch->used > 0)
-        madvise(ch->base, ch->used, MADV_DONTDUMP);
+    if ((pool->dontdump || pool->noaccess) && ch->used > 0)
+        madvise(ch->base, ch->used, MADV_DONTDUMP); /* the tail is unmapped next */
     /* The re-map dropped the page-table entries: map the pages that hold
      * data back in now, so the first read does not fault on every one
      * (holes stay holes: populating them would allocate memory). */

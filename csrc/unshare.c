@@ -43,9 +43,6 @@
 #define MFD_CLOEXEC 0x0001U
 #define MFD_ALLOW_SEALING 0x0002U
 #endif
-#ifndef MADV_DONTDUMP
-#define MADV_DONTDUMP 16
-#endif
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
@@ -237,7 +234,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         char *copy = mmap(NULL, ch->used, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (copy == MAP_FAILED)
             goto fail;
-        if (pool->dontdump)
+        if (pool->dontdump || pool->noaccess)
             madvise(copy, ch->used, MADV_DONTDUMP);
         /* fill the page tables now, as the first read after protect() would */
         if (prot == PROT_READ)
@@ -262,7 +259,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         what = "mmap";
         goto fail_mapped;
     }
-    if (pool->dontdump && ch->size > ch->used)
+    if (pool->dontdump && !pool->noaccess && ch->size > ch->used)
         madvise(ch->base + ch->used, ch->size - ch->used, MADV_DONTDUMP);
     struct stat st;
     if (fstat(fd, &st) == 0) {

@@ -25,7 +25,7 @@ Run it (with prmem installed):  python examples/policy_update.py
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import prmem
 from prmem import Mode
@@ -35,9 +35,9 @@ class PolicyError(Exception):
     """A rule that does not parse."""
 
 
-def parse(version: int, rules: list[str]) -> dict:
+def parse(version: int, rules: list[str]) -> dict[str, Any]:
     """"subject:object:perm" lines -> {"version": n, "allow": {subject: {object: [perm, ...]}}}"""
-    allow: dict = {}
+    allow: dict[str, dict[str, list[str]]] = {}
     for rule in rules:
         parts = rule.split(":")
         if len(parts) != 3 or not all(parts):
@@ -49,8 +49,9 @@ def parse(version: int, rules: list[str]) -> dict:
 
 # The protected reference to the version in force: the FrozenMap itself.
 # Its record is in write-rare memory and changes only with a rare write, and
-# get() refuses a reference that no longer matches it.
-current = prmem.ProtectedRef()
+# get() refuses a reference that no longer matches it.  None until the
+# first version is in force (the annotation tells type checkers so).
+current: prmem.ProtectedRef[Optional[prmem.FrozenMap]] = prmem.ProtectedRef()
 # Readers must not use a version while it is being replaced: a lock is the
 # simplest way (the seed's point that users of write-rare must take care of
 # atomicity themselves).  Readers keep no handle beyond a check, so the old
@@ -64,9 +65,18 @@ def check(subject: str, obj: str, perm: str) -> bool:
         # get() verifies the Python-side reference against its write-rare
         # record and raises ProtectionError if it was tampered with.
         policy = current.get()
+        if policy is None:                  # no policy in force: deny
+            return False
         # Every lookup runs in C on the protected pages; a missing key
         # behaves as with a dict.
         return perm in policy["allow"].get(subject, {}).get(obj, ())
+
+
+def in_force() -> prmem.FrozenMap:
+    """The version in force (this demo always has one once started)."""
+    policy = current.get()
+    assert policy is not None, "no policy in force"
+    return policy
 
 
 def update(version: int, rules: list[str]) -> bool:
@@ -96,14 +106,21 @@ def main() -> None:
     assert update(1, ["httpd:web_content:read", "sshd:shadow:read"])
     assert check("httpd", "web_content", "read")
     assert not check("httpd", "shadow", "read")
-    v1 = current.get().pool
+    v1 = in_force().pool
 
-    # The live policy is read-only: the handle refuses assignment, and a
-    # rare write to the protected version is refused too (a native write,
-    # e.g. ctypes.memmove(policy.address, ...), would die by SIGSEGV).
-    policy = current.get()
-    for attempt in (lambda: policy.__setitem__("allow", {}),
-                    lambda: policy.rare_set("version", 99)):
+    # The live policy is read-only: the handle refuses assignment (and a
+    # type checker flags it before it runs), and a rare write to the
+    # protected version is refused too (a native write, e.g.
+    # ctypes.memmove(policy.address, ...), would die by SIGSEGV).
+    policy = in_force()
+
+    def assign() -> None:
+        policy["allow"] = {}  # type: ignore[index]  # mypy: FrozenMap has no __setitem__
+
+    def rare_set() -> None:
+        policy.rare_set("version", 99)
+
+    for attempt in (assign, rare_set):
         try:
             attempt()
         except (TypeError, prmem.ProtectionError) as exc:
@@ -117,12 +134,12 @@ def main() -> None:
     assert update(2, ["httpd:web_content:read", "httpd:logs:append"])
     assert check("httpd", "logs", "append")
     assert v1.destroyed
-    v2 = current.get()
+    v2 = in_force()
 
     # A failed update: the half-built v3 is destroyed, v2 keeps serving.
     assert not update(3, ["httpd:web_content:read", "this rule is broken"])
-    assert current.get().pool is v2.pool and not v2.pool.destroyed
-    assert check("httpd", "logs", "append") and current.get()["version"] == 2
+    assert in_force().pool is v2.pool and not v2.pool.destroyed
+    assert check("httpd", "logs", "append") and in_force()["version"] == 2
 
     # Redirecting the reference behind prmem's back to a forged policy is
     # detected, not followed.

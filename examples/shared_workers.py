@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from typing import Optional
 
 import prmem
 
-_table = None
+_table: Optional[prmem.FrozenMap] = None
 
 
 def init_worker(table: prmem.FrozenMap) -> None:
@@ -32,6 +33,7 @@ def init_worker(table: prmem.FrozenMap) -> None:
 
 def allowed(request: tuple[str, str]) -> tuple[int, str, bool]:
     user, net = request
+    assert _table is not None, "init_worker() did not run"
     entry = _table.get(user)
     return os.getpid(), user, entry is not None and net in entry["nets"]
 

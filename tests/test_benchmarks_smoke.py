@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "frozen", "share"]
+WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "frozen", "share", "access"]
 
 
 @pytest.mark.skipif(not (REPO / "benchmarks" / "__main__.py").is_file(),

@@ -144,3 +144,81 @@ def test_every_scenario_has_a_distinct_name():
     assert all(s.requires <= {'memfd', 'memfd_seal_future_write', 'mseal', 'memfd_secret'}
                for s in all_scenarios())
     assert len(names) == len(set(names))
+
+
+# ------------------------------------------------ what a new user runs first
+
+def _script(*args, env=None):
+    """Run the installed `prmem` console script (skip where there is none)."""
+    script = os.path.join(os.path.dirname(sys.executable), "prmem")
+    if not os.path.exists(script):
+        pytest.skip("prmem not installed as a console script in this environment")
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_version():
+    for proc in (_cli("--version"), _script("--version")):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"prmem {prmem.__version__}"
+
+
+def test_version_matches_the_package_metadata():
+    from importlib.metadata import version
+    assert version("prmem") == prmem.__version__
+
+
+def test_help_lists_every_command_on_one_line_each():
+    proc = _cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for command in ("selftest", "info", "inspect"):
+        # the command, then its one-line description, on the same line
+        rows = [ln for ln in lines if ln.split()[:1] == [command]]
+        assert len(rows) == 1, (command, proc.stdout)
+        assert len(rows[0].split()) > 2, rows[0]
+    assert "--version" in proc.stdout
+    assert "``" not in proc.stdout and "`" not in proc.stdout   # plain text, no markup
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    # `prmem selftest | head -1`: no BrokenPipeError traceback, exit as if
+    # SIGPIPE had ended it
+    proc = subprocess.run(f"{sys.executable} -m prmem selftest | head -1; "
+                          "echo \"status ${PIPESTATUS[0]}\"",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.startswith("prmem "), proc.stdout
+    assert proc.stdout.strip().endswith(f"status {128 + 13}"), proc.stdout
+    assert proc.stderr == "", proc.stderr
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    proc = subprocess.run(f"{sys.executable} -m prmem info | head -c 10 >/dev/null",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stderr == "", proc.stderr
+
+
+def test_a_failing_import_is_a_one_line_error():
+    env = dict(os.environ, PRMEM_DISABLE_FEATURES="typo")
+    proc = _script("info", env=env)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("prmem: cannot start: PRMEM_DISABLE_FEATURES names an "
+                                  "unknown feature typo (known: memfd"), proc.stderr
+
+
+def test_the_launcher_runs_the_commands():
+    # the console script's module, without the script
+    proc = subprocess.run([sys.executable, "-c",
+                           "import sys, _prmem_cli; sys.exit(_prmem_cli.main(['--version']))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"prmem {prmem.__version__}"
+    env = dict(os.environ, PRMEM_DISABLE_FEATURES="typo")
+    proc = subprocess.run([sys.executable, "-m", "_prmem_cli", "info"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "unknown feature typo" in proc.stderr

@@ -130,6 +130,24 @@ def test_frozen_containers_are_read_only_inside_access():
     pool.destroy()
 
 
+def test_no_access_memory_is_left_out_of_core_dumps():
+    # a core dump reads PROT_NONE memory too (FOLL_FORCE): areas are dontdump
+    pool, a = make_pool(Mode.WR, False)
+    flags = None
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= a.address < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    assert flags is not None and "dd" in flags
+    pool.destroy()
+
+
 def test_access_on_an_ordinary_pool_does_nothing():
     pool = Pool(Mode.WR)
     a = pool.alloc(4)
@@ -265,3 +283,18 @@ with pool.access():
 """)
     assert "child True" in proc.stdout and "parent b'ff'" in proc.stdout, (
         proc.stdout + proc.stderr)
+
+
+def test_inspect_shows_closed_no_access_data():
+    import os
+    from prmem.inspect import report
+    pool = Pool(Mode.WR, noaccess=True, name="na-inspect")
+    a = pool.alloc(4096)
+    a.write(b"x" * 4096)
+    pool.protect()
+    lines = [line for line in report(os.getpid()).splitlines() if "na-inspect" in line]
+    assert any(line.rstrip().endswith("no access [dontdump]") for line in lines), lines
+    with pool.access():
+        lines = [line for line in report(os.getpid()).splitlines() if "na-inspect" in line]
+        assert any("WRITE_RARE" in line for line in lines), lines
+    pool.destroy()

@@ -713,6 +713,27 @@ def test_locked_pool_over_memlock_limit_raises_memory_error(option):
         assert out["retry"] == ["LATE", 1, True]
 
 
+@needs_setpriv
+@pytest.mark.parametrize("option", [
+    pytest.param("secret", marks=needs_secret),
+    "lock",
+])
+def test_memlock_error_names_refill(option):
+    # a new user's pool with the default refill (64 KiB) already fills a
+    # 64 KiB RLIMIT_MEMLOCK: the error must point at refill= too
+    proc = run_memlock_limited('''
+        pool = Pool(Mode.WR, name="locked_refill", refill=1 << 20, %s=True)
+        try:
+            pool.alloc(16)
+            print("RESULT", json.dumps({"error": None}))
+        except MemoryError as e:
+            print("RESULT", json.dumps({"error": str(e)}))
+    ''' % option)
+    message = results(proc)["error"]
+    assert message is not None and "RLIMIT_MEMLOCK" in message, message
+    assert "refill=" in message and str(1 << 20) in message, message
+
+
 # ======================================================= 4. prmem inspect
 
 INSPECT_CHILD = '''
@@ -734,6 +755,13 @@ sealed.protect()
 if SECRET:
     se = Pool(Mode.RO, name="insp_secret", secret=True)
     keep("insp_secret", se, se.strdup(b"secret"))
+    # READ_ONLY protected by the MMU only (memfd_secret cannot be sealed)
+    sro = Pool(Mode.RO, name="insp_secret_ro", secret=True)
+    keep("insp_secret_ro", sro, sro.strdup(b"secret ro"))
+    sro.protect()
+    swr = Pool(Mode.WR, name="insp_secret_wr", secret=True)
+    keep("insp_secret_wr", swr, swr.strdup(b"secret wr"))
+    swr.protect()
 addresses = {name: alloc.address for name, (pool, alloc) in pools.items()}
 print("RESULT", json.dumps({"pid": os.getpid(), "addresses": addresses}), flush=True)
 print("READY", flush=True)
@@ -782,10 +810,12 @@ def _containing(entries, address):
 
 EXPECTED_INSPECT = {
     "insp_writable": ("insp_writable", "rw-s", "WRITABLE"),
-    "insp_wr": ("insp_wr", "r--s", "read-only, not sealed"),
+    "insp_wr": ("insp_wr", "r--s", "WRITE_RARE"),
     "insp_ro": ("insp_ro", "r--s", "READ_ONLY, sealed"),
     "insp_sealed": ("insp_sealed", "r--s", "READ_ONLY, sealed"),
     "insp_secret": ("(secret pool)", "rw-s", "WRITABLE"),
+    "insp_secret_ro": ("(secret pool)", "r--s", "READ_ONLY, MMU only"),
+    "insp_secret_wr": ("(secret pool)", "r--s", "WRITE_RARE"),
 }
 
 
@@ -805,8 +835,10 @@ def _check_json_report(report, addresses):
     for name in ("insp_writable", "insp_wr", "insp_ro"):
         assert "mseal" not in flags[name], (name, flags[name])
         assert "locked" not in flags[name] and "dontdump" not in flags[name]
-    if "insp_secret" in addresses:
-        assert {"locked", "dontdump"} <= set(flags["insp_secret"])
+    for name in ("insp_secret", "insp_secret_ro", "insp_secret_wr"):
+        if name in addresses:
+            assert {"locked", "dontdump"} <= set(flags[name])
+            assert "mseal" not in flags[name]
     names = {e["pool"] for e in report}
     assert {EXPECTED_INSPECT[n][0] for n in addresses} <= names
     for entry in report:  # everything listed is prmem's
@@ -844,7 +876,7 @@ def test_inspect_text_report(inspected):
             assert "mseal" in row_protection
         if name == "insp_ro":
             assert "mseal" not in row_protection
-        if name == "insp_secret":
+        if name.startswith("insp_secret"):
             assert "locked" in row_protection and "dontdump" in row_protection
     for pool, _, _ in EXPECTED_INSPECT.values():
         if pool != "(secret pool)" or "insp_secret" in addresses:
@@ -859,7 +891,54 @@ def test_inspect_entry_point_matches_json(inspected, capsys):
     _check_json_report(json.loads(captured.out), addresses)
     assert cli.main(["inspect", str(pid)]) == 0
     text = capsys.readouterr().out
-    assert "insp_wr" in text and "read-only, not sealed" in text
+    assert "insp_wr" in text and "WRITE_RARE" in text
+    # each label that occurs is explained under the table
+    from prmem.inspect import MEANINGS
+    labels = ["WRITABLE", "WRITE_RARE", "READ_ONLY, sealed"]
+    if HAS_SECRET:
+        labels.append("READ_ONLY, MMU only")
+    for label in labels:
+        assert f"\n{label}: {MEANINGS[label]}" in text, label
+    assert "read-only, not sealed:" not in text
+
+
+def test_inspect_tells_write_rare_from_mmu_only_and_sealed_read_only(inspected):
+    # from outside the process: sealed memory has no "may write" flag (or is
+    # mseal()ed); of the rest, prmem still holds the memory file of what it
+    # may rare-write, and no descriptor of READ_ONLY memory
+    from prmem.inspect import mappings
+    pid, addresses = inspected
+    maps = mappings(pid)
+    by_name = {}
+    for name, address in addresses.items():
+        found = [m for m in maps if m.start <= address < m.end]
+        assert len(found) == 1, name
+        by_name[name] = found[0]
+    assert by_name["insp_wr"].protection == "WRITE_RARE"
+    assert by_name["insp_wr"].file_held is True
+    assert by_name["insp_ro"].protection == "READ_ONLY, sealed"
+    assert by_name["insp_ro"].file_held is False
+    if HAS_SECRET:
+        assert by_name["insp_secret_wr"].protection == "WRITE_RARE"
+        assert by_name["insp_secret_ro"].protection == "READ_ONLY, MMU only"
+        assert "mw" in by_name["insp_secret_ro"].vmflags   # mprotect() could undo it
+        assert by_name["insp_secret_ro"].file_held is False
+
+
+def test_inspect_labels_from_flags_and_descriptors():
+    from prmem.inspect import MEANINGS, Mapping
+    def label(perms, flags, held):
+        return Mapping("p", 0, 4096, perms, flags.split(), file_held=held).protection
+    assert label("rw-s", "rd wr sh mr mw", True) == "WRITABLE"
+    assert label("r--s", "rd mr", False) == "READ_ONLY, sealed"            # file seals
+    assert label("r--s", "rd sh mr mw sl", True) == "READ_ONLY, sealed"    # mseal
+    assert label("r--s", "rd sh mr mw", True) == "WRITE_RARE"
+    assert label("r--s", "rd sh mr mw", False) == "READ_ONLY, MMU only"
+    # /proc/PID/fd unreadable: say what it may be rather than guess
+    assert label("r--s", "rd sh mr mw", None) == "read-only, not sealed"
+    assert label("---s", "sh mr mw", None) == "reserved (no access)"
+    assert label("---s", "sh mr mw dd", True) == "no access"
+    assert "/proc/PID/fd" in MEANINGS["read-only, not sealed"]
 
 
 def test_inspect_agrees_with_the_kernel(inspected):

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
-from typing import Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 from . import _core
 from .errors import ProtectionError
 
-__all__ = ["FrozenList", "FrozenMap"]
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+    from .pool import Pool
+
+__all__ = ["FrozenKey", "FrozenList", "FrozenMap"]
+
+#: The keys a FrozenMap holds (and iterates over): a bool key is stored as
+#: the int it equals, as in a dict.
+FrozenKey = Union[str, bytes, int]
 
 # Value tags of the layout (enum prmem_fz_tag in csrc/prmem.h) that rare_set
 # can replace in place: one 16-byte slot, no blob.
@@ -51,7 +60,8 @@ def _slot_for(value: Any) -> bytes:
                     f"{type(value).__name__}; {_REBUILD}")
 
 
-def _rare_set(handle: Union[FrozenMap, FrozenList], where: Any, value: Any) -> None:
+def _rare_set(handle: Union[FrozenMap, FrozenList], where: Any,
+              value: Union[None, bool, int, float]) -> None:
     slot = _slot_for(value)
     offset, tag = handle._value_slot(where)
     if tag not in _IN_PLACE:
@@ -63,21 +73,23 @@ def _rare_set(handle: Union[FrozenMap, FrozenList], where: Any, value: Any) -> N
     _core.rare_write(handle._allocation, slot, offset)
 
 
-class _FrozenItems(ItemsView):  # type: ignore[type-arg]
+class _FrozenItems(ItemsView[FrozenKey, Any]):
     __slots__ = ()
+    _mapping: FrozenMap
 
-    def __iter__(self) -> Iterator[Tuple[Any, Any]]:
-        return self._mapping._iter_items()  # type: ignore[attr-defined, no-any-return]
+    def __iter__(self) -> Iterator[Tuple[FrozenKey, Any]]:
+        return self._mapping._iter_items()
 
 
-class _FrozenValues(ValuesView):  # type: ignore[type-arg]
+class _FrozenValues(ValuesView[Any]):
     __slots__ = ()
+    _mapping: FrozenMap
 
     def __iter__(self) -> Iterator[Any]:
-        return self._mapping._iter_values()  # type: ignore[attr-defined, no-any-return]
+        return self._mapping._iter_values()
 
 
-class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
+class FrozenMap(_core.FrozenMap, Mapping[FrozenKey, Any]):
     """A read-only mapping whose keys, values and index live in pool memory.
 
     Made by :meth:`Pool.freeze`.  Behaves as a ``dict`` for reading: ``m[k]``
@@ -92,13 +104,15 @@ class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
 
     __slots__ = ()
 
-    def items(self) -> ItemsView:  # type: ignore[type-arg]
+    def items(self) -> ItemsView[FrozenKey, Any]:
+        """A view of the (key, value) pairs, in insertion order."""
         return _FrozenItems(self)
 
-    def values(self) -> ValuesView:  # type: ignore[type-arg]
+    def values(self) -> ValuesView[Any]:
+        """A view of the values, in insertion order."""
         return _FrozenValues(self)
 
-    def rare_set(self, key: Any, value: Any) -> None:
+    def rare_set(self, key: FrozenKey, value: Union[None, bool, int, float]) -> None:
         """Replace the None/bool/int/float value of ``key`` with ``value``
         through prmem's rare-write path (write-rare pools; ``ProtectionError``
         on READ_ONLY memory).  Other kinds of value cannot change in place:
@@ -112,7 +126,7 @@ class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
             return False
         # one bounded walk of the protected structure (thaw() refuses
         # corrupt data that would make a recursive comparison explode)
-        return self.thaw() == _plain(other)
+        return bool(self.thaw() == _plain(other))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -120,7 +134,7 @@ class FrozenMap(_core.FrozenMap, Mapping):  # type: ignore[misc, type-arg]
         return f"prmem.FrozenMap({self.thaw()!r})"
 
 
-class FrozenList(_core.FrozenList, Sequence):  # type: ignore[misc, type-arg]
+class FrozenList(_core.FrozenList, Sequence[Any]):
     """A read-only sequence whose items live in pool memory.
 
     Made by :meth:`Pool.freeze` from a list or tuple.  Indexing (negative
@@ -132,7 +146,7 @@ class FrozenList(_core.FrozenList, Sequence):  # type: ignore[misc, type-arg]
 
     __slots__ = ()
 
-    def rare_set(self, index: int, value: Any) -> None:
+    def rare_set(self, index: int, value: Union[None, bool, int, float]) -> None:
         """Replace the None/bool/int/float item at ``index`` with ``value``
         (see :meth:`FrozenMap.rare_set`)."""
         _rare_set(self, index, value)
@@ -163,20 +177,20 @@ def _plain(obj: Any) -> Any:
 _core._set_frozen_types(FrozenMap, FrozenList)
 
 
-def freeze(pool: Any, obj: Any) -> Union[FrozenMap, FrozenList]:
+def freeze(pool: Pool, obj: object) -> Union[FrozenMap, FrozenList]:
     """Copy ``obj`` into ``pool`` and return a handle (see Pool.freeze)."""
     data = _core.freeze_encode(obj)  # TypeError/ValueError before any allocation
     allocation = pool._alloc_init(data, 3)
     pool._access_enter()  # a no-access pool's header is checked now
     try:
-        return _core.open_frozen(allocation)  # type: ignore[no-any-return]
+        return _core.open_frozen(allocation)
     finally:
         pool._access_leave()
 
 
-
-def array(pool: Any, data: Any = None, dtype: Any = None, *,
-          shape: Optional[Union[int, Tuple[int, ...]]] = None, fill: Any = 0) -> Any:
+def array(pool: Pool, data: Optional[ArrayLike] = None, dtype: Optional[DTypeLike] = None, *,
+          shape: Optional[Union[int, Tuple[int, ...]]] = None,
+          fill: Any = 0) -> NDArray[Any]:
     """Copy a numpy array-like into ``pool`` (see Pool.array)."""
     try:
         import numpy
@@ -190,7 +204,7 @@ def array(pool: Any, data: Any = None, dtype: Any = None, *,
         raise TypeError("Pool.array() takes data or shape=, not both")
     else:
         source = numpy.ascontiguousarray(data, dtype=dtype)
-    if getattr(pool, "noaccess", False):
+    if pool.noaccess:
         raise ProtectionError(
             f"Pool.array() cannot be used on the no-access pool {pool.name!r}: numpy reads "
             "an array's memory without asking prmem, so a kept array would keep the pool "
@@ -201,7 +215,9 @@ def array(pool: Any, data: Any = None, dtype: Any = None, *,
         raise ValueError("Pool.array(): an empty array has no memory to protect")
     # 64-byte alignment: what numpy and SIMD loops like
     allocation = pool._alloc_init(raw, 6)
-    view = numpy.frombuffer(_core.ReadOnlyBuffer(allocation), dtype=source.dtype)
+    # (numpy's stubs list concrete buffer types, not the buffer protocol)
+    view: NDArray[Any] = numpy.frombuffer(
+        _core.ReadOnlyBuffer(allocation), dtype=source.dtype)  # type: ignore[call-overload]
     from .sharing import register_arrays
     register_arrays(numpy)
     return view.reshape(source.shape)

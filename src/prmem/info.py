@@ -82,7 +82,8 @@ def _proc_mem_write(address: int) -> str:
         os.pwrite(fd, b"!", address)
         return "written"
     except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
+        code = e.errno if e.errno is not None else 0
+        return errno.errorcode.get(code, str(e.errno))
     finally:
         os.close(fd)
 

@@ -4,9 +4,12 @@ protected, from ``/proc/PID/smaps``.
 prmem names its memory files ``prmem:<pool>``, so each mapping shows up as
 ``/memfd:prmem:<pool> (deleted)``.  The kernel's ``VmFlags`` tell apart what
 the permissions alone cannot: a read-only mapping that may become writable
-again (``mw``: write-rare memory, or READ_ONLY not yet sealed) from a sealed
-one, and show ``mseal()`` (``sl``), locking (``lo``) and ``MADV_DONTDUMP``
-(``dd``).
+again (``mw``) from a sealed one, and show ``mseal()`` (``sl``), locking
+(``lo``) and ``MADV_DONTDUMP`` (``dd``).  Of the read-only mappings that may
+become writable again, those whose memory file the process still holds
+(``/proc/PID/fd``) are write-rare: prmem keeps the descriptor to rare-write
+through it; those whose file it no longer holds are READ_ONLY protected by
+the MMU only (a secret pool's memory, which cannot be sealed).
 
 It also reports what ``Pool.verify()`` would find, as far as it can be seen
 from outside the process: a pool's file is mapped at file offset == offset
@@ -21,13 +24,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Dict, Iterator, List, Optional
+import os
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 _MEMFD_PREFIX = "/memfd:prmem:"
 # A page prmem maps next to memory received from another process, named
 # after its origin: prmem-attached:<address>:<inode>:<sender pid>:<pool name>
 _ATTACHED_PREFIX = "/memfd:prmem-attached:"
 _SECRET = "/secretmem"
+
+# What each protection label of `prmem inspect` means (printed under the
+# table for the labels that occur).
+MEANINGS: Dict[str, str] = {
+    "WRITABLE": "writable by any code in the process (before protect())",
+    "WRITE_RARE": "read-only to the MMU; the process holds the memory file, through "
+                  "which prmem's rare_write() changes it, and so could code that calls "
+                  "mprotect() or writes to that file (an AUTO_RO area left behind looks "
+                  "the same until protect() seals its chunk)",
+    "READ_ONLY, MMU only": "read-only to the MMU, but neither sealed nor mseal()ed (a "
+                           "secret pool: its memory cannot be sealed): code that calls "
+                           "mprotect() can make it writable again; Pool(seal=True) "
+                           "prevents that",
+    "READ_ONLY, sealed": "the kernel refuses every write: file seals, or mseal() "
+                         "([mseal]), which also refuses munmap/mremap/mprotect",
+    "read-only, not sealed": "WRITE_RARE or MMU-only READ_ONLY: telling them apart needs "
+                             "read access to /proc/PID/fd (run as the process's user)",
+    "reserved (no access)": "address space the pool keeps for its next areas",
+    "no access": "unreadable: a no-access pool's data outside `with pool.access():` "
+                 "(its areas are always dontdump), or a dontdump pool's reserved "
+                 "address space",
+}
 
 
 @dataclasses.dataclass
@@ -43,30 +69,42 @@ class Mapping:
     device: str = ""
     inode: int = 0
     attached: bool = False  # received from another process (prmem.recv, multiprocessing)
+    #: whether the process holds a descriptor of this mapping's file (None:
+    #: its /proc/PID/fd could not be read)
+    file_held: Optional[bool] = None
 
     @property
     def size(self) -> int:
+        """Size of the mapping in bytes."""
         return self.end - self.start
 
     @property
     def protection(self) -> str:
-        """What the kernel enforces on this mapping, in prmem's terms."""
+        """What the kernel enforces on this mapping, in prmem's terms (a key
+        of :data:`MEANINGS`)."""
         if self.perms.startswith("rw"):
             return "WRITABLE"
         if self.perms.startswith("r"):
             # mseal()ed ("sl") memory cannot be made writable whatever "mw" says
-            if "mw" in self.vmflags and "sl" not in self.vmflags:
-                return "read-only, not sealed (WRITE_RARE, or READ_ONLY until protect())"
-            return "READ_ONLY, sealed"
-        return "reserved (no access)"
+            if "mw" not in self.vmflags or "sl" in self.vmflags:
+                return "READ_ONLY, sealed"
+            if self.file_held is None:
+                return "read-only, not sealed"
+            # prmem keeps the descriptor of memory it may still rare-write,
+            # and closes it once the memory is READ_ONLY
+            return "WRITE_RARE" if self.file_held else "READ_ONLY, MMU only"
+        # no-access areas are always dontdump; a reservation only in a
+        # dontdump pool, so without "dd" it cannot be no-access data
+        return "no access" if "dd" in self.vmflags else "reserved (no access)"
 
     @property
     def flags(self) -> List[str]:
+        """Kernel flags worth knowing: mseal, locked, dontdump."""
         names = {"sl": "mseal", "lo": "locked", "dd": "dontdump"}
         return [names[f] for f in self.vmflags if f in names]
 
 
-def _smaps(pid: int) -> Iterator[tuple]:
+def _smaps(pid: int) -> Iterator[Tuple[str, List[str]]]:
     header = None
     with open(f"/proc/{pid}/smaps", errors="replace") as f:
         for line in f:
@@ -78,7 +116,7 @@ def _smaps(pid: int) -> Iterator[tuple]:
                 header = None
 
 
-def _fields_and_path(header: str) -> tuple:
+def _fields_and_path(header: str) -> Tuple[List[str], str]:
     """The fields of an smaps header line, and its path without the
     " (deleted)" that unlinked files (every memfd) carry."""
     fields = header.split(maxsplit=5)
@@ -88,13 +126,37 @@ def _fields_and_path(header: str) -> tuple:
     return fields, path
 
 
+def _held_files(pid: int) -> Optional[Set[Tuple[int, int]]]:
+    """(device, inode) of every file process ``pid`` holds a descriptor of,
+    or None if its descriptors cannot be read."""
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    held = set()
+    for entry in entries:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{entry}")
+        except OSError:  # closed meanwhile
+            continue
+        held.add((st.st_dev, st.st_ino))
+    return held
+
+
+def _device(field: str) -> int:
+    """The device number of an smaps "major:minor" (hex) field."""
+    major, minor = field.split(":")
+    return os.makedev(int(major, 16), int(minor, 16))
+
+
 def mappings(pid: int) -> List[Mapping]:
     """prmem mappings of process ``pid`` (needs permission to read its smaps).
     Memory received from another process is named ``<pool> (attached from
     pid N)``."""
     found = []
     entries = list(_smaps(pid))
-    origins: Dict[tuple, str] = {}  # (start, inode) -> sender pid
+    held = _held_files(pid)
+    origins: Dict[Tuple[int, int], str] = {}  # (start, inode) -> sender pid
     for header, _vmflags in entries:
         fields, path = _fields_and_path(header)
         if path.startswith(_ATTACHED_PREFIX):
@@ -117,12 +179,13 @@ def mappings(pid: int) -> List[Mapping]:
         sender = origins.get((start - int(fields[2], 16), inode))
         if sender is not None:
             pool += f" (attached from pid {sender})"
+        file_held = None if held is None else (_device(fields[3]), inode) in held
         found.append(Mapping(pool, start, end, fields[1], vmflags, int(fields[2], 16),
-                             fields[3], inode, sender is not None))
+                             fields[3], inode, sender is not None, file_held))
     return found
 
 
-def _all_ranges(pid: int) -> List[tuple]:
+def _all_ranges(pid: int) -> List[Tuple[int, int, str]]:
     """(start, end, description) of every mapping of process ``pid``."""
     ranges = []
     with open(f"/proc/{pid}/maps", errors="replace") as f:
@@ -138,7 +201,7 @@ def anomalies(pid: int, maps: Optional[List[Mapping]] = None) -> List[str]:
     """Signs that pool memory of process ``pid`` was moved, aliased or
     replaced by code outside prmem (see the module docstring)."""
     maps = mappings(pid) if maps is None else maps
-    by_file: Dict[tuple, List[Mapping]] = {}
+    by_file: Dict[Tuple[str, int], List[Mapping]] = {}
     for m in maps:
         # memory received from elsewhere is a legitimate second mapping of a
         # file (of another process, or of this one when it sent to itself)
@@ -200,12 +263,15 @@ def report(pid: int, as_json: bool = False) -> str:
                      f"{m.perms:<5} {m.protection}{flags}")
         if not m.perms.startswith("-"):
             per_pool = totals.setdefault(m.pool, {})
-            key = m.protection.split(",")[0]
-            per_pool[key] = per_pool.get(key, 0) + m.size
+            per_pool[m.protection] = per_pool.get(m.protection, 0) + m.size
     lines.append("")
     for pool, per in totals.items():
         summary = ", ".join(f"{size} bytes {state}" for state, size in per.items())
         lines.append(f"{pool}: {summary}")
+    lines.append("")
+    seen = {m.protection for m in maps}
+    lines.extend(f"{label}: {meaning}" for label, meaning in MEANINGS.items()
+                 if label in seen)
     if problems:
         lines.append("")
         lines.append(f"WARNING: {len(problems)} sign(s) that prmem memory was changed "

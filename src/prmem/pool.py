@@ -12,10 +12,32 @@ import enum
 import struct
 import sys
 import threading
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import _core
 from .errors import PrmemError, ProtectionError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+    from typing_extensions import Buffer
+
+    from .frozen import FrozenList, FrozenMap
+
+_T = TypeVar("_T")
+_B = TypeVar("_B")
 
 __all__ = [
     "Allocation",
@@ -37,6 +59,58 @@ __all__ = [
 
 #: A range of protectable memory handed out by a pool (``pool.alloc()``...).
 Allocation = _core.Allocation
+
+
+# The C type keeps what must hold the pool lock (bounds, state checks, the
+# buffer protocol); these conveniences are plain Python on top of a[:],
+# which copies under the lock.  They are set on the C type itself because
+# the C core creates every Allocation.
+
+def _allocation_tobytes(self: Allocation) -> bytes:
+    """A copy of the whole allocation as ``bytes`` (the same as ``bytes(a)``
+    or ``a[:]``); PoolDestroyedError after ``destroy()``."""
+    return self[:]
+
+
+def _allocation_decode(self: Allocation, encoding: str = "utf-8",
+                       errors: str = "strict") -> str:
+    """The text stored in the allocation, as a C string: the bytes up to the
+    first NUL (all of them if there is none), decoded with ``encoding`` and
+    ``errors`` as ``bytes.decode`` does.  ``pool.strdup(text).decode()``
+    gives ``text`` back.  For encodings whose text contains NUL bytes
+    (UTF-16, UTF-32) use ``a.tobytes().decode(...)``."""
+    data = self[:]
+    end = data.find(b"\0")
+    return (data if end < 0 else data[:end]).decode(encoding, errors)
+
+
+def _allocation_eq(self: Allocation, other: object) -> bool:
+    """``a == other``: True if ``other`` is a bytes-like object (bytes,
+    bytearray, memoryview, another Allocation, ...) holding the same bytes,
+    as ``bytearray`` compares.  Not constant-time: compare secrets with
+    ``hmac.compare_digest(a, other)``."""
+    # (mypy knows NotImplemented is fine only in methods named __eq__)
+    if other is self:
+        return True
+    if isinstance(other, str):
+        return NotImplemented  # type: ignore[no-any-return]
+    try:
+        view = memoryview(other)  # type: ignore[arg-type]
+    except TypeError:
+        return NotImplemented  # type: ignore[no-any-return]
+    with view:
+        return view.nbytes == self.size and view.tobytes() == self[:]
+
+
+for _name, _method in (("tobytes", _allocation_tobytes), ("decode", _allocation_decode),
+                       ("__eq__", _allocation_eq)):
+    _method.__name__ = _name
+    _method.__qualname__ = "Allocation." + _name
+    setattr(Allocation, _name, _method)
+# == compares the content, which may change while WRITABLE or WRITE_RARE:
+# unhashable, like bytearray (key a dict by a.address or id(a) instead)
+setattr(Allocation, "__hash__", None)
+del _name, _method
 
 
 class Mode(enum.IntEnum):
@@ -107,7 +181,7 @@ def _to_mode(mode: Union[Mode, int, str]) -> Mode:
     raise TypeError(f"mode must be a prmem.Mode, not {type(mode).__name__}")
 
 
-def _to_int(value: Any, what: str) -> int:
+def _to_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     return value
@@ -137,7 +211,7 @@ class PoolStats:
     bytes_reserved: int
     bytes_lost_to_protection: int
     bytes_free: int
-    areas_by_state: dict[State, int]
+    areas_by_state: Dict[State, int]
     buffer_views: int
     writable_buffer_views: int
     secret: bool
@@ -159,7 +233,7 @@ class PoolStats:
             raise KeyError(key)
         return getattr(self, key)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> Dict[str, Any]:
         """The counters as a plain dict (states by name)."""
         d = dataclasses.asdict(self)
         d["mode"] = self.mode.name
@@ -205,6 +279,9 @@ class Pool(_core.Pool):
     ``/proc/PID/mem``.  ``dontdump=True`` excludes a pool from core dumps;
     ``lock=True`` locks its areas in memory.  Locked memory counts against
     RLIMIT_MEMLOCK; exceeding it raises MemoryError naming that limit.
+    Each area is at least ``refill`` bytes, so such a pool locks at least
+    that much once it allocates: give it a small ``refill`` (a page holds
+    a few keys).
 
     ``share=True`` keeps a read-only descriptor of each sealed chunk, so
     the pool's READ_ONLY memory (and FrozenMaps, FrozenLists, Allocations
@@ -348,7 +425,13 @@ class Pool(_core.Pool):
             f"prmem pool {self.name!r} is not protected as its state says: {details}{more}. "
             "Code in this process changed its mappings; do not trust data read from it")
 
-    def freeze(self, obj: Any) -> Any:
+    @overload
+    def freeze(self, obj: Mapping[Any, Any]) -> FrozenMap: ...
+    @overload
+    def freeze(self, obj: Union[List[Any], Tuple[Any, ...]]) -> FrozenList: ...
+
+    def freeze(self, obj: Union[Mapping[Any, Any], List[Any], Tuple[Any, ...]]
+               ) -> Union[FrozenMap, FrozenList]:
         """Copy a Mapping (-> :class:`prmem.FrozenMap`) or a list or tuple
         (-> :class:`prmem.FrozenList`), with everything nested in it, into
         this pool, and return a read-only handle on the copy.
@@ -364,8 +447,9 @@ class Pool(_core.Pool):
         from .frozen import freeze
         return freeze(self, obj)
 
-    def array(self, data: Any = None, dtype: Any = None, *, shape: Any = None,
-              fill: Any = 0) -> Any:
+    def array(self, data: Optional[ArrayLike] = None, dtype: Optional[DTypeLike] = None, *,
+              shape: Optional[Union[int, Tuple[int, ...]]] = None,
+              fill: Any = 0) -> NDArray[Any]:
         """Copy a numpy array-like into this pool and return a read-only
         ``numpy.ndarray`` view of the copy (``writeable`` is False, and it
         does not block ``protect()``); or, with ``shape=`` (and ``dtype=``,
@@ -395,7 +479,7 @@ class Pool(_core.Pool):
             # BufferError; the pool goes when its last view or handle does
             self._destroy_when_released()
 
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> Tuple[Any, ...]:
         raise TypeError("prmem pools cannot be pickled to bytes: protected memory travels "
                         "only between live processes, as a descriptor. Pass a sealed "
                         "Pool(share=True) (or a FrozenMap in one) through multiprocessing, "
@@ -457,7 +541,7 @@ class RareWriteSession:
         if self._owner != threading.get_ident():
             raise RuntimeError("rare-write session belongs to another thread")
 
-    def write(self, dst: Allocation, data: Any, offset: int = 0) -> None:
+    def write(self, dst: Allocation, data: Buffer, offset: int = 0) -> None:
         """Write ``data`` into ``dst`` at ``offset`` (see :func:`rare_write`)."""
         self._check()
         self._pool.rare_write(dst, data, offset)
@@ -529,10 +613,10 @@ def _ref_slot() -> Allocation:
 _RECORD = struct.Struct("<QQQ")
 
 # slot address -> the target its record names (see ProtectedRef)
-_anchors: dict = {}
+_anchors: Dict[int, object] = {}
 
 
-def _identity(target: Any) -> bytes:
+def _identity(target: object) -> bytes:
     if isinstance(target, _core.Pool):
         return _RECORD.pack(id(target), 1, target.serial)
     if isinstance(target, Allocation):
@@ -540,7 +624,7 @@ def _identity(target: Any) -> bytes:
     return _RECORD.pack(id(target), 0, id(type(target)))
 
 
-class ProtectedRef:
+class ProtectedRef(Generic[_T]):
     """A reference whose authoritative record lives in write-rare memory.
 
     The seeds' point: protecting data is not enough if the reference to it
@@ -554,17 +638,28 @@ class ProtectedRef:
     id() and type; the recorded target is also kept alive by a second,
     internal reference, so its id cannot be recycled for an impostor while
     the record names it.
+
+    It is generic in its target for type checkers: ``ProtectedRef(m)``
+    with a FrozenMap ``m`` is a ``ProtectedRef[FrozenMap]``, whose
+    ``get()`` returns a FrozenMap and whose ``set()`` takes one.
+    ``ProtectedRef()`` starts out pointing at None; declare what it will
+    hold: ``current: ProtectedRef[Optional[FrozenMap]] = ProtectedRef()``.
     """
 
     __slots__ = ("_slot", "_target", "_lock", "__weakref__")
 
+    @overload
+    def __init__(self: ProtectedRef[Optional[_B]]) -> None: ...
+    @overload
+    def __init__(self, target: _T) -> None: ...
+
     def __init__(self, target: Any = None) -> None:
         self._slot = _ref_slot()
         self._lock = threading.Lock()
-        self._target = None
+        self._target: Any = None
         self.set(target)
 
-    def get(self) -> Any:
+    def get(self) -> _T:
         """Return the target, after checking it against the protected record."""
         with self._lock:
             target = self._target
@@ -576,9 +671,9 @@ class ProtectedRef:
         if recorded != actual:
             raise ProtectionError("ProtectedRef: the reference does not match its "
                                   "write-rare record; it has been tampered with")
-        return target
+        return target  # type: ignore[no-any-return]
 
-    def set(self, target: Any) -> None:
+    def set(self, target: _T) -> None:
         """Point the reference at ``target`` (one rare write)."""
         record = _identity(target)
         with self._lock:
@@ -596,8 +691,8 @@ class ProtectedRef:
 
 
 def replace_pool(
-    ref: ProtectedRef,
-    build: Callable[[Pool], Any],
+    ref: ProtectedRef[Any],
+    build: Callable[[Pool], object],
     *,
     mode: Union[Mode, int, str] = Mode.RO,
     name: str = "pool",
@@ -610,13 +705,13 @@ def replace_pool(
 
 
 def replace_pool_with(
-    ref: ProtectedRef,
-    build: Callable[[Pool], Any],
+    ref: ProtectedRef[Any],
+    build: Callable[[Pool], _T],
     *,
     mode: Union[Mode, int, str] = Mode.RO,
     name: str = "pool",
     refill: int = 65536,
-) -> Tuple[Pool, Any]:
+) -> Tuple[Pool, _T]:
     """The policy-database update sequence (seed 002), in one call.
 
     Build a new version in a fresh pool with ``built = build(pool)``, protect
@@ -632,8 +727,8 @@ def replace_pool_with(
     return _replace(ref, build, True, mode, name, refill)
 
 
-def _replace(ref: ProtectedRef, build: Callable[[Pool], Any], point_at_built: bool,
-             mode: Union[Mode, int, str], name: str, refill: int) -> Tuple[Pool, Any]:
+def _replace(ref: ProtectedRef[Any], build: Callable[[Pool], _T], point_at_built: bool,
+             mode: Union[Mode, int, str], name: str, refill: int) -> Tuple[Pool, _T]:
     old = ref.get()  # a tampered reference is refused before any work
     new = Pool(mode, name=name, refill=refill)
     try:
@@ -650,10 +745,10 @@ def _replace(ref: ProtectedRef, build: Callable[[Pool], Any], point_at_built: bo
     return new, built
 
 
-def _pool_of(target: Any) -> Optional[_core.Pool]:
+def _pool_of(target: object) -> Optional[_core.Pool]:
     """The pool a reference target lives in (None for other objects)."""
     if isinstance(target, _core.Pool):
         return target
     if isinstance(target, (Allocation, _core.FrozenMap, _core.FrozenList)):
-        return target.pool  # type: ignore[no-any-return]
+        return target.pool
     return None

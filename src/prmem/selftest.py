@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import List
+from typing import FrozenSet, List, Tuple
 
 # Code shared by every child.  `outcome(x)` reports a non-fatal result;
 # `armed()` is printed just before a write that must kill the child, so a
@@ -100,12 +100,12 @@ class Scenario:
     expected: str
     code: str
     #: kernel features (prmem.features names) the claim depends on
-    requires: frozenset = frozenset()
+    requires: FrozenSet[str] = frozenset()
     #: text the child's stderr must contain for the outcome to count
-    stderr_must: tuple = ()
+    stderr_must: Tuple[str, ...] = ()
     #: other outcomes that show the claim holds just as well (e.g. no
     #: descriptor of sealed memory can be had at all without privileges)
-    also_ok: tuple = ()
+    also_ok: Tuple[str, ...] = ()
 
 
 def _native(mode: str, setup: str = "pool, a = filled(Mode.{mode})") -> str:
@@ -345,7 +345,7 @@ class Result:
                 or self.observed in self.scenario.also_ok)
 
 
-def _classify(proc: subprocess.CompletedProcess) -> str:
+def _classify(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stdout.splitlines()
     outcomes = [ln.split(":", 1)[1] for ln in lines if ln.startswith("OUTCOME:")]
     if proc.returncode < 0:

@@ -90,8 +90,7 @@ def _describe(obj: Any) -> Tuple[str, Dict[str, Any], List[Tuple[int, int, int]]
         return "allocation", {"pool": obj.pool.name, "offset": offset, "size": nbytes}, \
             [(fd, size, used)]
     if isinstance(obj, _core.Pool):
-        chunks = [tuple(c) for c in _core.export_pool(obj)]
-        return "pool", {"pool": obj.name, "seal": bool(obj.seal)}, chunks  # type: ignore[misc]
+        return "pool", {"pool": obj.name, "seal": bool(obj.seal)}, _core.export_pool(obj)
     raise TypeError(f"prmem can share sealed Pools, FrozenMaps, FrozenLists and "
                     f"Allocations, not {type(obj).__name__}")
 
@@ -177,7 +176,9 @@ def _array_source(arr: Any) -> Any:
 
 def _rebuild_array(alloc: Any, dtype: Any, shape: Any, strides: Any, offset: int) -> Any:
     import numpy
-    flat = numpy.frombuffer(_core.ReadOnlyBuffer(alloc), dtype=numpy.uint8)
+    # (numpy's stubs list concrete buffer types, not the buffer protocol)
+    flat = numpy.frombuffer(_core.ReadOnlyBuffer(alloc),  # type: ignore[call-overload]
+                            dtype=numpy.uint8)
     return numpy.lib.stride_tricks.as_strided(flat[offset:].view(dtype), shape, strides,
                                               writeable=False)
 
