@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from mkdocs.structure.files import File
 
@@ -38,7 +38,7 @@ class _RepoFile(File):
 
 
 def _repo_root(config: Any) -> str:
-    return os.path.dirname(os.path.abspath(config["config_file_path"]))
+    return os.path.dirname(os.path.abspath(str(config["config_file_path"])))
 
 
 def _docs_prefix(config: Any) -> str:
@@ -56,7 +56,7 @@ def _target(link: str, source: str) -> Optional[str]:
     return posixpath.normpath(posixpath.join(posixpath.dirname(source), path))
 
 
-def _links(markdown: str):
+def _links(markdown: str) -> Iterator["re.Match[str]"]:
     """Relative links outside code: (match, target) pairs."""
     masked = _FENCE.sub(lambda m: " " * len(m.group(0)), markdown)
     masked = _CODE.sub(lambda m: " " * len(m.group(0)), masked)

@@ -26,7 +26,7 @@ import gc
 import itertools
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -76,8 +76,8 @@ def _release(pools: List[prmem.Pool], request: Any) -> None:
 def prmem_pool(request: Any) -> Iterator[prmem.Pool]:
     """A fresh prmem.Pool named after the test, destroyed at teardown; the
     test fails if a view of it is still alive then."""
-    args: tuple = ()
-    kwargs = {}
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = {}
     marker = request.node.get_closest_marker("prmem_pool")
     if marker is not None:
         args, kwargs = marker.args, dict(marker.kwargs)
@@ -101,6 +101,7 @@ def prmem_protected(request: Any) -> Iterator[Callable[..., Any]]:
         pool_kwargs.setdefault("name", _name(request))
         pool = prmem.Pool(mode, **pool_kwargs)
         pools.append(pool)
+        obj: Any
         if isinstance(data, (Mapping, list, tuple)):
             obj = pool.freeze(data)
         elif hasattr(data, "__array_interface__"):

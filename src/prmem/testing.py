@@ -361,9 +361,9 @@ def _run_probes(probes: List[Tuple[int, str]], readable: bool,
 
 
 def _kill_group(pid: int) -> None:
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+    for kill in (os.killpg, os.kill):   # the helper's group, else the helper
         try:
-            target()
+            kill(pid, signal.SIGKILL)
         except OSError:
             pass
     os.waitpid(pid, 0)
