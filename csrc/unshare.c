@@ -250,7 +250,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         char *copy = mmap(NULL, ch->used, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (copy == MAP_FAILED)
             goto fail;
-        if (pool->dontdump || pool->noaccess)
+        if (pool->m->dontdump || pool->m->noaccess)
             madvise(copy, ch->used, MADV_DONTDUMP);
         /* fill the page tables now, as the first read after protect() would */
         if (prot == PROT_READ)
@@ -263,7 +263,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
             errno = err;
             goto fail;
         }
-        if (pool->mlock_areas)
+        if (pool->m->mlock_areas)
             mlock(ch->base, ch->used);
     }
     /* The unused tail: nobody reads it, so a plain MAP_FIXED will do. */
@@ -275,7 +275,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         what = "mmap";
         goto fail_mapped;
     }
-    if (pool->dontdump && !pool->noaccess && ch->size > ch->used)
+    if (pool->m->dontdump && !pool->m->noaccess && ch->size > ch->used)
         madvise(ch->base + ch->used, ch->size - ch->used, MADV_DONTDUMP);
     struct stat st;
     if (fstat(fd, &st) == 0) {
