@@ -455,7 +455,9 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
         return prmem_fail_memlock(pool, e, "lock=True", area_size, err);
     }
     if (pool->m->noaccess)
-        madvise(start, area_size, MADV_DONTDUMP); /* see prmem_dontdump() */
+        madvise(start, area_size, MADV_DONTDUMP); /* see prmem_advise() */
+    if (area_size >= PRMEM_HUGE_AREA)
+        madvise(start, area_size, MADV_HUGEPAGE);
     ch->used += area_size;
     prmem_area *area = &pool->areas[pool->nareas];
     area->start = start;

@@ -181,7 +181,7 @@ privatize_chunk(PoolObject *pool, size_t ci)
             goto fail;
         }
     }
-    prmem_dontdump(pool, ch, ch->base);
+    prmem_advise(pool, ch, ch->base, ch->size);
     if (pool->m->mlock_areas && ch->used > 0)
         mlock(ch->base, ch->used);
     struct stat st;
@@ -238,7 +238,7 @@ share_readonly(PoolObject *pool, size_t ci)
         close(ro);
         return -1;
     }
-    prmem_dontdump(pool, ch, ch->base);
+    prmem_advise(pool, ch, ch->base, ch->size);
     if (pool->m->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     close(ch->fd);
@@ -278,7 +278,7 @@ snapshot_chunk(PoolObject *pool, size_t ci)
         mmap(ch->base + ch->used, ch->size - ch->used, PROT_NONE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
         return -1;
-    prmem_dontdump(pool, ch, ch->base);
+    prmem_advise(pool, ch, ch->base, ch->size);
     if (ch->fd >= 0)
         close(ch->fd);
     ch->fd = -1;

@@ -299,21 +299,39 @@ prmem_pool_ready(const PoolObject *pool)
     return prmem_pool_meta_ok(pool) && pool->m->ready;
 }
 
-/* MADV_DONTDUMP where the pool wants it, on chunk ch mapped at base (its
- * own address, or a copy's before it is moved there): a dontdump pool's
- * whole chunk; a no-access pool's used part only, always (a core dump
- * reads PROT_NONE memory too), so that its unused PROT_NONE tail differs
- * from closed areas and access() never merges them into one mapping to
- * split it again on the next open. */
+#ifndef MADV_HUGEPAGE
+#define MADV_HUGEPAGE 14
+#endif
+/* Areas at least this large ask for transparent huge pages (MADV_HUGEPAGE):
+ * shmem uses them where /sys/kernel/mm/transparent_hugepage/shmem_enabled
+ * says advise (within_size and always need no hint), and only for 2 MiB
+ * ranges a mapping covers whole, so smaller areas would gain nothing. */
+#define PRMEM_HUGE_AREA ((size_t)2 << 20)
+
+/* The madvise() hints of chunk ch, mapped (or about to be moved) at base,
+ * len bytes of it: applied again after every re-map, since a new mapping
+ * starts without them.
+ * - MADV_DONTDUMP: a dontdump pool's whole chunk; a no-access pool's used
+ *   part only, always (a core dump reads PROT_NONE memory too), so that its
+ *   unused PROT_NONE tail differs from closed areas and access() never
+ *   merges them into one mapping, to split it again on the next open;
+ * - MADV_HUGEPAGE on areas of PRMEM_HUGE_AREA or more. */
 static inline void
-prmem_dontdump(const PoolObject *pool, const prmem_chunk *ch, char *base)
+prmem_advise(const PoolObject *pool, const prmem_chunk *ch, char *base, size_t len)
 {
     if (pool->m->noaccess) {
         if (ch->used > 0)
-            madvise(base, ch->used, MADV_DONTDUMP);
+            madvise(base, ch->used < len ? ch->used : len, MADV_DONTDUMP);
     }
     else if (pool->m->dontdump)
-        madvise(base, ch->size, MADV_DONTDUMP);
+        madvise(base, len, MADV_DONTDUMP);
+    size_t ci = (size_t)(ch - pool->chunks);
+    for (size_t i = 0; i < pool->nareas; i++) {
+        const prmem_area *a = &pool->areas[i];
+        if (a->chunk == ci && a->size >= PRMEM_HUGE_AREA &&
+            (size_t)(a->start - ch->base) + a->size <= len)
+            madvise(base + (a->start - ch->base), a->size, MADV_HUGEPAGE);
+    }
 }
 
 /* The page protection a non-WRITABLE area has now: PROT_READ, or PROT_NONE

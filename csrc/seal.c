@@ -229,7 +229,7 @@ restore_chunk(PoolObject *pool, size_t ci)
         if (mprotect(a->start, a->size, prot) < 0)
             return -1;
     }
-    prmem_dontdump(pool, ch, ch->base);
+    prmem_advise(pool, ch, ch->base, ch->size);
     if (pool->m->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     return 0;
@@ -322,8 +322,7 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
         close(ro);
         return fail_seal(pool, ci, e, what, err);
     }
-    if ((pool->m->dontdump || pool->m->noaccess) && ch->used > 0)
-        madvise(ch->base, ch->used, MADV_DONTDUMP); /* the tail is unmapped next */
+    prmem_advise(pool, ch, ch->base, ch->used); /* the tail is unmapped next */
     /* The re-map dropped the page-table entries: map the pages that hold
      * data back in now, so the first read does not fault on every one
      * (holes stay holes: populating them would allocate memory). */

@@ -250,8 +250,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         char *copy = mmap(NULL, ch->used, prot, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (copy == MAP_FAILED)
             goto fail;
-        if (pool->m->dontdump || pool->m->noaccess)
-            madvise(copy, ch->used, MADV_DONTDUMP);
+        prmem_advise(pool, ch, copy, ch->used);
         /* fill the page tables now, as the first read after protect() would */
         if (prot == PROT_READ)
             madvise(copy, ch->used, MADV_POPULATE_READ);

@@ -16,6 +16,11 @@ import pytest
 
 import prmem
 
+# pytester runs inner pytest sessions (tests/test_testing.py).  prmem's own
+# plugin, prmem.pytest_plugin, is not named here: installing prmem registers
+# it (entry point pytest11), and the tests use it that way.
+pytest_plugins = ["pytester"]
+
 # Helpers that the tests and their child processes share: defined once as
 # source, executed here for the tests and prepended to every child script.
 HELPERS_SOURCE = r'''

@@ -509,3 +509,41 @@ assert bytes(a[:2]) == b"AA"
 print("OK")
 """))
     assert "OK" in out
+
+
+def test_large_areas_keep_asking_for_huge_pages_through_every_re_map():
+    # MADV_HUGEPAGE is a property of a mapping: protect() (sealing re-maps),
+    # the child's read-only re-map at fork() and a copy on first change all
+    # make new mappings, which must ask again (whether the kernel then uses
+    # huge pages depends on shmem_enabled; prmem info reports it)
+    out = _ok(run_child("""
+def vmflags(address):
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return head[1:]
+seen = []
+for mode in (Mode.RO, Mode.WR):
+    pool = Pool(mode, name="huge")
+    a = pool.alloc(4 << 20)
+    small = Pool(mode, name="small").alloc(4096)
+    a.write(b"h" * (4 << 20))
+    seen.append("hg" in vmflags(a.address) and "hg" not in vmflags(small.address))
+    pool.protect()
+    seen.append("hg" in vmflags(a.address))
+    pid = os.fork()
+    if pid == 0:
+        ok = "hg" in vmflags(a.address)
+        if mode == Mode.WR:
+            pool.rare_write(a, b"c")          # the child's copy
+            ok = ok and "hg" in vmflags(a.address)
+        os._exit(0 if ok else 3)
+    seen.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0)
+print("seen", seen)
+"""))
+    assert "seen [True, True, True, True, True, True]" in out

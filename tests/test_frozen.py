@@ -19,7 +19,9 @@ The contract under test:
 * ``pool.array()`` puts numpy arrays in the pool.
 
 Crashes and process-wide effects are tested in child interpreters
-(``conftest.run_child``).  Corruption robustness is in test_frozen_fuzz.py.
+(``conftest.run_child``), or with ``prmem.testing.assert_protected`` (native
+writes in forked children) and the ``prmem_pool``/``prmem_protected``
+fixtures of prmem's pytest plugin, which also fail a test that leaks a view.  Corruption robustness is in test_frozen_fuzz.py.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from hypothesis import strategies as st
 
 import prmem
 from prmem import FrozenList, FrozenMap, Mode, ProtectionError
+from prmem.testing import assert_protected, assert_write_rare
 
 from conftest import CHILD_PRELUDE, maps_entries, perms_at, run_child
 from frozen_support import assert_same, assert_scalar, norm_key, plain
@@ -1406,18 +1409,15 @@ def test_native_write_into_frozen_map_faults_with_report(mode, state):
     assert f"address: {address}" in err
 
 
-def test_native_write_into_nested_frozen_list_faults():
-    proc = run_child("""
-        pool = Pool(Mode.AUTO_RO, name="frozen-auto", refill=4096)
-        table = pool.freeze([[1, 2, 3], {"k": "v" * 100}])
-        pool.protect()
-        inner = table[1]
-        assert inner.address == table.address
-        ctypes.memmove(inner.address, b"\\0" * 8, 8)
-        print("SURVIVED")
-    """)
-    assert proc.returncode == -signal.SIGSEGV
-    assert "pool: 'frozen-auto'" in proc.stderr
+@pytest.mark.prmem_pool(Mode.AUTO_RO, refill=4096)
+def test_native_write_into_nested_frozen_list_faults(prmem_pool):
+    table = prmem_pool.freeze([[1, 2, 3], {"k": "v" * 100}])
+    prmem_pool.protect()
+    inner = table[1]
+    assert inner.address == table.address
+    # native writes anywhere in the structure die, through a nested handle too
+    assert_protected(inner)
+    assert table == [[1, 2, 3], {"k": "v" * 100}]
 
 
 # ============================================================= cross-process
@@ -1559,7 +1559,7 @@ needs_numpy = pytest.mark.skipif(np is None, reason="numpy is not installed")
     ("fortran", None, None),
     ("structured", None, None),
 ])
-def test_array_copies_content_dtype_and_shape(pool_factory, data, dtype, want_dtype):
+def test_array_copies_content_dtype_and_shape(prmem_pool, data, dtype, want_dtype):
     if data == "arange":
         data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
     elif data == "noncontiguous":
@@ -1569,8 +1569,7 @@ def test_array_copies_content_dtype_and_shape(pool_factory, data, dtype, want_dt
     elif data == "structured":
         data = np.array([(1, 2.5), (3, -1.0)], dtype=[("a", "i4"), ("b", "f8")])
     expected = np.asarray(data, dtype=dtype)
-    pool = pool_factory(Mode.RO, name=unique("array"))
-    arr = pool.array(data, dtype=dtype)
+    arr = prmem_pool.array(data, dtype=dtype)
     assert isinstance(arr, np.ndarray)
     assert arr.dtype == (np.dtype(want_dtype) if want_dtype else expected.dtype)
     assert arr.shape == expected.shape
@@ -1578,18 +1577,17 @@ def test_array_copies_content_dtype_and_shape(pool_factory, data, dtype, want_dt
     assert np.array_equal(arr, expected)
     address = arr.__array_interface__["data"][0]
     assert perms_at(address) == "rw-s"          # in the pool's memory
-    pool.protect()
+    prmem_pool.protect()
     assert perms_at(address) == "r--s"
     assert np.array_equal(arr, expected)
 
 
 @needs_numpy
-def test_array_from_shape_and_fill(pool_factory):
-    pool = pool_factory(Mode.RO, name=unique("array"))
-    zeros = pool.array(shape=(3, 4), dtype="f8", fill=0)
-    sevens = pool.array(shape=(2, 5), dtype="i2", fill=7)
-    halves = pool.array(shape=(4,), dtype=np.float32, fill=0.5)
-    pool.protect()
+def test_array_from_shape_and_fill(prmem_pool):
+    zeros = prmem_pool.array(shape=(3, 4), dtype="f8", fill=0)
+    sevens = prmem_pool.array(shape=(2, 5), dtype="i2", fill=7)
+    halves = prmem_pool.array(shape=(4,), dtype=np.float32, fill=0.5)
+    prmem_pool.protect()
     assert zeros.shape == (3, 4) and zeros.dtype == np.float64 and not zeros.any()
     assert sevens.shape == (2, 5) and sevens.dtype == np.int16 and (sevens == 7).all()
     assert halves.dtype == np.float32 and (halves == 0.5).all()
@@ -1598,64 +1596,58 @@ def test_array_from_shape_and_fill(pool_factory):
 
 
 @needs_numpy
-def test_array_is_read_only_to_numpy(pool_factory):
-    pool = pool_factory(Mode.RO, name=unique("array"))
-    arr = pool.array(np.arange(6))
+def test_array_is_read_only_to_numpy(prmem_pool):
+    arr = prmem_pool.array(np.arange(6))
     with pytest.raises(ValueError):
         arr[0] = 5
     with pytest.raises(ValueError):
         arr += 1
-    pool.protect()
+    prmem_pool.protect()
     with pytest.raises(ValueError):
         np.copyto(arr, 0)
     assert list(arr) == list(range(6))
 
 
 @needs_numpy
-def test_array_does_not_block_protect_but_blocks_destroy(pool_factory):
-    pool = pool_factory(Mode.RO, name=unique("array"))
-    arr = pool.array(np.arange(10.0))
-    pool.protect()                          # no BufferError
+def test_array_does_not_block_protect_but_blocks_destroy(prmem_pool):
+    arr = prmem_pool.array(np.arange(10.0))
+    prmem_pool.protect()                    # no BufferError
     view = arr[2:5]
-    transposed = pool.array(np.ones((2, 3))).T
+    transposed = prmem_pool.array(np.ones((2, 3))).T
     del arr
     with pytest.raises(BufferError):
-        pool.destroy()                      # a view of it still pins the pool
+        prmem_pool.destroy()                # a view of it still pins the pool
     assert list(view) == [2.0, 3.0, 4.0]
     del view
     with pytest.raises(BufferError):
-        pool.destroy()
+        prmem_pool.destroy()
     del transposed
-    pool.destroy()
-    assert pool.destroyed
+    prmem_pool.destroy()
+    assert prmem_pool.destroyed
 
 
 @needs_numpy
-def test_array_cannot_be_made_writeable(pool_factory):
+def test_array_cannot_be_made_writeable(prmem_pool):
     # numpy would otherwise write into pool memory behind prmem's back
-    pool = pool_factory(Mode.RO, name=unique("array"))
-    arr = pool.array(np.arange(6))
+    arr = prmem_pool.array(np.arange(6))
     with pytest.raises(ValueError):
         arr.flags.writeable = True
     assert arr.flags.writeable is False
 
 
 @needs_numpy
-@pytest.mark.parametrize("mode", ["RO", "WR"])
-def test_native_write_into_protected_array_faults(mode):
-    proc = run_child(f"""
-        import numpy as np
-        pool = Pool(Mode.{mode}, name="frozen-array")
-        arr = pool.array(np.arange(1000, dtype=np.int64))
-        pool.protect()
-        address = arr.__array_interface__["data"][0] + 8 * 500
-        print(int(arr[500]), flush=True)
-        ctypes.memmove(address, b"\\xff" * 8, 8)
-        print("SURVIVED", int(arr[500]), flush=True)
-    """)
-    assert proc.returncode == -signal.SIGSEGV, (proc.stdout, proc.stderr)
-    assert proc.stdout.split() == ["500"]
-    assert "pool: 'frozen-array'" in proc.stderr
+@pytest.mark.parametrize("mode", [Mode.RO, Mode.WR])
+def test_native_write_into_protected_array_faults(prmem_protected, mode):
+    arr = prmem_protected(np.arange(1000, dtype=np.int64), mode=mode)
+    address = arr.__array_interface__["data"][0]
+    assert perms_at(address) == perms_at(address + arr.nbytes - 1) == "r--s"
+    if mode is Mode.RO:
+        assert_protected(arr)
+        assert_protected(arr[500:501])
+    else:
+        assert_write_rare(arr)          # rare_write() still changes it
+    assert (arr == np.arange(1000)).all()
+    del arr
 
 
 # ============================================ replace_pool that returns build()

@@ -54,8 +54,9 @@ def describe() -> List[str]:
         mark = "yes" if name in prmem.features else "no "
         lines.append(f"  [{mark}] {name:<24} {note}")
     lines.append(f"transparent huge pages for shared memory (shmem_enabled): {shmem_thp()}; "
-                 "prmem's memory files use 4 KiB pages unless it says advise, within_size "
-                 "or always")
+                 "prmem asks for them (MADV_HUGEPAGE) on areas of 2 MiB or more, and the "
+                 "kernel uses them for its memory files only if this says advise, "
+                 "within_size or always (4 KiB pages otherwise)")
     lines.append("caveats:")
     if "memfd" not in prmem.features:
         lines.append("  ! no memfd_create(): pools are backed by unnamed /dev/shm files, which "
