@@ -27,6 +27,7 @@ setup(
             "prmem._core",
             sources=[
                 "csrc/module.c",
+                "csrc/meta.c",
                 "csrc/areas.c",
                 "csrc/unshare.c",
                 "csrc/seal.c",

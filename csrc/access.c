@@ -48,7 +48,7 @@ set_protected_areas(PoolObject *pool, int prot)
 PRMEM_INTERNAL int
 prmem_access_refuse_read(PoolObject *pool, const prmem_area *area, prmem_error *e)
 {
-    if (!pool->noaccess || area->state == PRMEM_WRITABLE || pool->access_count > 0)
+    if (!pool->m->noaccess || area->state == PRMEM_WRITABLE || pool->access_count > 0)
         return 0;
     return prmem_fail(e, pool->mstate->ProtectionError,
                       "prmem pool '%.200s' is no-access: its %s memory can only be read "
@@ -59,7 +59,7 @@ prmem_access_refuse_read(PoolObject *pool, const prmem_area *area, prmem_error *
 PRMEM_INTERNAL int
 prmem_access_hold(PoolObject *pool, int open_if_closed, prmem_error *e)
 {
-    if (!pool->noaccess)
+    if (!pool->m->noaccess)
         return 0;
     if (pool->access_count == 0) {
         if (!open_if_closed)
@@ -80,11 +80,11 @@ prmem_access_hold(PoolObject *pool, int open_if_closed, prmem_error *e)
 PRMEM_INTERNAL int
 prmem_access_release(PoolObject *pool, prmem_error *e)
 {
-    if (!pool->noaccess || pool->access_count <= 0)
+    if (!pool->m->noaccess || pool->access_count <= 0)
         return 0;
     if (--pool->access_count > 0)
         return 0;
-    if (pool->destroyed || pool->areas == NULL)
+    if (pool->m->destroyed || pool->areas == NULL)
         return 0;
     if (set_protected_areas(pool, PROT_NONE) < 0) {
         /* Cannot close (mprotect failed, e.g. out of memory for a VMA
@@ -116,7 +116,7 @@ prmem_pool_access_leave(PoolObject *self, PyObject *unused)
     (void)unused;
     prmem_error e;
     POOL_LOCK(self);
-    if (self->noaccess && self->access_count <= 0) {
+    if (self->m->noaccess && self->access_count <= 0) {
         POOL_UNLOCK(self);
         PyErr_SetString(PyExc_RuntimeError, "pool.access() left more often than entered");
         return NULL;

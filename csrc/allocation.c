@@ -67,7 +67,7 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
     prmem_area *area = &pool->areas[self->area];
     /* a forked child's snapshot of a pool (fork_errno) is not changed
      * through new views: they are read-only */
-    writable = area->state == PRMEM_WRITABLE && pool->fork_errno == 0;
+    writable = area->state == PRMEM_WRITABLE && pool->m->fork_errno == 0;
     if ((flags & PyBUF_WRITABLE) && !writable) {
         if (area->state == PRMEM_WRITABLE)
             prmem_check_changeable(pool, &e);
@@ -78,7 +78,7 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
     /* A view of a no-access pool's protected memory can only be taken
      * inside access(), and holds access until it is released.  (A view of
      * WRITABLE memory is a writable export: protect() waits for it.) */
-    int holds_access = pool->noaccess && area->state != PRMEM_WRITABLE;
+    int holds_access = pool->m->noaccess && area->state != PRMEM_WRITABLE;
     if (holds_access && prmem_access_hold(pool, 0, &e) < 0)
         goto fail;
     pool->exports++;
@@ -408,7 +408,7 @@ Allocation_repr(AllocationObject *self)
 {
     PoolObject *pool = self->pool;
     POOL_LOCK(pool);
-    int dead = pool->destroyed;
+    int dead = pool->m->destroyed;
     int state = dead ? 0 : pool->areas[self->area].state;
     POOL_UNLOCK(pool);
     /* pool->name is an exact str: formatting it runs no user code (and the
@@ -547,8 +547,8 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
      * like a writable view, or protect() would take the pages away under
      * it (other pools let protect() go on: their pages stay readable). */
     prmem_area *area = &pool->areas[a->area];
-    int holds_access = pool->noaccess && area->state != PRMEM_WRITABLE;
-    int holds_protect = pool->noaccess && area->state == PRMEM_WRITABLE;
+    int holds_access = pool->m->noaccess && area->state != PRMEM_WRITABLE;
+    int holds_protect = pool->m->noaccess && area->state == PRMEM_WRITABLE;
     if (holds_access && prmem_access_hold(pool, 0, &e) < 0) {
         POOL_UNLOCK(pool);
         prmem_raise(&e);

@@ -16,7 +16,13 @@ PRMEM_INTERNAL int
 prmem_raise_uninitialised(PyObject *pool)
 {
     prmem_module_state *st = state_from_type(Py_TYPE(pool));
-    if (st != NULL)
+    PoolObject *p = (PoolObject *)pool;
+    if (st != NULL && !prmem_pool_meta_ok(p))
+        PyErr_Format(st->ProtectionError,
+                     "prmem pool '%.200s': its metadata pointer does not point at its own "
+                     "record in prmem's protected metadata; prmem refuses to follow it",
+                     p->cname != NULL ? p->cname : "?");
+    else if (st != NULL)
         PyErr_SetString(st->PrmemError,
                         "prmem pool is not initialised (Pool.__init__ was not called)");
     return -1;
@@ -24,7 +30,7 @@ prmem_raise_uninitialised(PyObject *pool)
 
 #define REFUSE_UNINITIALISED(pool, rv)                         \
     do {                                                       \
-        if (!(pool)->ready) {                                  \
+        if (!prmem_pool_ready(pool)) {                               \
             prmem_raise_uninitialised((PyObject *)(pool));     \
             return rv;                                         \
         }                                                      \
@@ -34,16 +40,21 @@ prmem_raise_uninitialised(PyObject *pool)
 PRMEM_INTERNAL int
 prmem_check_usable(PoolObject *pool, prmem_error *e)
 {
-    if (!pool->ready) /* only while another thread runs __init__ */
+    if (!prmem_pool_meta_ok(pool))
+        return prmem_fail(e, pool->mstate->ProtectionError,
+                          "prmem pool '%.200s': its metadata pointer does not point at its own "
+                          "record in prmem's protected metadata; prmem refuses to follow it",
+                          pool->cname != NULL ? pool->cname : "?");
+    if (!pool->m->ready) /* only while another thread runs __init__ */
         return prmem_fail(e, PyExc_RuntimeError, "prmem pool is not initialised yet");
-    if (pool->destroyed)
+    if (pool->m->destroyed)
         return prmem_fail(e, pool->mstate->PoolDestroyedError,
                           "prmem pool '%.200s' has been destroyed", pool->cname);
-    if (pool->broken_errno)
+    if (pool->m->broken_errno)
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s' is unusable: a failed re-mapping of its memory "
                           "could not be undone (%s)",
-                          pool->cname, strerror(pool->broken_errno));
+                          pool->cname, strerror(pool->m->broken_errno));
     return 0;
 }
 
@@ -54,13 +65,13 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
-    if (pool->fork_errno)
+    if (pool->m->fork_errno)
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s' cannot change in this forked child: its memory "
                           "could not be given a private file of its own (%s), so the child "
                           "has a private read-only snapshot of it as of the fork; reads work, "
                           "changes through prmem do not",
-                          pool->cname, strerror(pool->fork_errno));
+                          pool->cname, strerror(pool->m->fork_errno));
     return 0;
 }
 
@@ -205,13 +216,13 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     POOL_LOCK(self);
     if (prmem_check_changeable(self, &e) < 0)
         goto fail;
-    if (self->attached) {
+    if (self->m->attached) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "prmem pool '%.200s' was received from another process: it is READ_ONLY "
                    "here, and nothing can be allocated in it", self->cname);
         goto fail;
     }
-    if (self->closed) {
+    if (self->m->closed) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "%.200s is closed: allocations are only possible before "
                    "prmem.mark_init_done()", self->cname);
@@ -273,6 +284,14 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
     self->cur_area = -1;
+    prmem_pool_meta *m = prmem_meta_record_alloc();
+    if (m == NULL) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_MemoryError, "prmem: no room for a pool record in prmem's metadata");
+        return NULL;
+    }
+    META_SET(m->owner, self);
+    self->m = m;
     self->name = PyUnicode_FromString("?");
     if (self->name == NULL) {
         Py_DECREF(self);
@@ -385,7 +404,13 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     }
     memcpy(cname, utf8, (size_t)name_len + 1);
     POOL_LOCK(self);
-    if (self->ready) {
+    if (!prmem_pool_meta_ok(self)) {
+        POOL_UNLOCK(self);
+        Py_DECREF(exact_name);
+        PyMem_RawFree(cname);
+        return prmem_raise_uninitialised((PyObject *)self);
+    }
+    if (self->m->ready) {
         POOL_UNLOCK(self);
         Py_DECREF(exact_name);
         PyMem_RawFree(cname);
@@ -394,24 +419,25 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
     }
     static unsigned long long next_serial = 1;
     self->serial = __atomic_fetch_add(&next_serial, 1, __ATOMIC_RELAXED);
+    META_SET(self->m->serial, self->serial);
     self->mstate = st;
-    self->mode = mode;
+    META_SET(self->m->mode, mode);
     self->align_order = align_order;
-    self->seal = seal;
-    self->share = share;
-    self->noaccess = noaccess;
-    self->section = section;
-    self->secret = secret;
+    META_SET(self->m->seal, seal);
+    META_SET(self->m->share, share);
+    META_SET(self->m->noaccess, noaccess);
+    META_SET(self->m->section, section);
+    META_SET(self->m->secret, secret);
     /* memfd_secret memory is always locked and never dumped */
-    self->dontdump = dontdump || secret;
-    self->mlock_areas = lock && !secret;
-    self->lock_requested = lock || secret;
-    self->refill = ((size_t)refill + prmem_page_size - 1) & ~(prmem_page_size - 1);
-    self->next_chunk_size = (size_t)16 << 20;
+    META_SET(self->m->dontdump, dontdump || secret);
+    META_SET(self->m->mlock_areas, lock && !secret);
+    META_SET(self->m->lock_requested, lock || secret);
+    META_SET(self->m->refill, ((size_t)refill + prmem_page_size - 1) & ~(prmem_page_size - 1));
+    META_SET(self->m->next_chunk_size, (size_t)16 << 20);
     PyObject *placeholder = self->name;
     self->name = exact_name;
     self->cname = cname;
-    self->ready = 1;
+    META_SET(self->m->ready, 1);
     POOL_UNLOCK(self);
     Py_XDECREF(placeholder);
     prmem_registry_add(self);
@@ -425,8 +451,11 @@ Pool_dealloc(PoolObject *self)
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
     prmem_registry_remove(self);
-    /* No allocation or buffer view can be alive: each holds a reference. */
-    if (self->ready && !self->destroyed) {
+    /* No allocation or buffer view can be alive: each holds a reference.
+     * A pool whose record does not check out is left mapped: its tables
+     * cannot be trusted to say what to unmap. */
+    int meta_ok = prmem_pool_meta_ok(self);
+    if (meta_ok && self->m->ready && !self->m->destroyed) {
         forget_fault_ranges(self);
         prmem_pool_unshare_for_release(self);
         prmem_pool_release(self);
@@ -435,6 +464,8 @@ Pool_dealloc(PoolObject *self)
         PyMem_RawFree(self->chunks);
         PyMem_RawFree(self->areas);
     }
+    if (meta_ok)
+        prmem_meta_record_free(self->m);
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->name);
     PyMem_RawFree(self->cname);
@@ -545,7 +576,7 @@ protect_locked(PoolObject *self, prmem_error *e)
                           "memory are still alive; release them first",
                           self->cname, self->wexports);
     int rc;
-    if (self->mode == PRMEM_MODE_RO || self->mode == PRMEM_MODE_AUTO_RO)
+    if (self->m->mode == PRMEM_MODE_RO || self->m->mode == PRMEM_MODE_AUTO_RO)
         rc = prmem_seal_all(self, e);
     else
         rc = prmem_make_write_rare(self, e);
@@ -577,13 +608,13 @@ Pool_finish_init(PoolObject *self, PyObject *unused)
     REFUSE_UNINITIALISED(self, NULL);
     prmem_error e;
     POOL_LOCK(self);
-    int rc = 0, done = self->closed;
-    if (!self->section)
+    int rc = 0, done = self->m->closed;
+    if (!self->m->section)
         rc = prmem_fail(&e, PyExc_TypeError, "only after-init sections can finish init");
     else if (!done) {
         rc = protect_locked(self, &e);
         if (rc == 0)
-            self->closed = 1;
+            META_SET(self->m->closed, 1);
     }
     POOL_UNLOCK(self);
     prmem_fault_sync();
@@ -601,8 +632,8 @@ release_locked(PoolObject *self)
     forget_fault_ranges(self);
     prmem_pool_unshare_for_release(self);
     prmem_pool_release(self);
-    self->destroyed = 1;
-    self->destroy_pending = 0;
+    META_SET(self->m->destroyed, 1);
+    META_SET(self->m->destroy_pending, 0);
 }
 
 /* With the lock held, after a view or a handle went away: a pool whose
@@ -611,7 +642,7 @@ release_locked(PoolObject *self)
 PRMEM_INTERNAL void
 prmem_release_if_pending(PoolObject *pool)
 {
-    if (pool->destroy_pending && pool->exports == 0 && pool->pins == 0 && !pool->destroyed)
+    if (pool->m->destroy_pending && pool->exports == 0 && pool->pins == 0 && !pool->m->destroyed)
         release_locked(pool);
 }
 
@@ -625,14 +656,14 @@ Pool_destroy_when_released(PoolObject *self, PyObject *unused)
     prmem_error e;
     POOL_LOCK(self);
     int now = 0, rc = 0;
-    if (self->section)
+    if (self->m->section)
         rc = prmem_fail(&e, self->mstate->ProtectionError,
                         "%.200s cannot be destroyed: after-init sections live as long as the "
                         "process", self->cname);
-    else if (!self->destroyed) {
-        self->destroy_pending = 1;
+    else if (!self->m->destroyed) {
+        META_SET(self->m->destroy_pending, 1);
         prmem_release_if_pending(self);
-        now = self->destroyed;
+        now = self->m->destroyed;
     }
     else
         now = 1;
@@ -676,11 +707,11 @@ Pool_destroy(PoolObject *self, PyObject *unused)
     REFUSE_UNINITIALISED(self, NULL);
     prmem_error e;
     POOL_LOCK(self);
-    if (self->destroyed) {
+    if (self->m->destroyed) {
         POOL_UNLOCK(self); /* destroying twice is a no-op */
         Py_RETURN_NONE;
     }
-    if (self->section) {
+    if (self->m->section) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "%.200s cannot be destroyed: after-init sections live as long as the "
                    "process", self->cname);
@@ -715,14 +746,14 @@ static PyObject *
 Pool_get_mode(PoolObject *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromLong(self->mode);
+    return PyLong_FromLong(self->m->mode);
 }
 
 static PyObject *
 Pool_get_destroyed(PoolObject *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(self->destroyed);
+    return PyBool_FromLong(self->m->destroyed);
 }
 
 static PyObject *
@@ -736,14 +767,14 @@ static PyObject *
 Pool_get_seal(PoolObject *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(self->seal);
+    return PyBool_FromLong(self->m->seal);
 }
 
 static PyObject *
 Pool_get_init_done(PoolObject *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(self->closed);
+    return PyBool_FromLong(self->m->closed);
 }
 
 static PyMethodDef Pool_methods[] = {
@@ -774,6 +805,9 @@ static PyMethodDef Pool_methods[] = {
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
     {"_stats", (PyCFunction)prmem_pool_stats, METH_NOARGS, "Raw counters for Pool.stats()."},
+    {"_metadata_address", (PyCFunction)prmem_pool_metadata_address, METH_NOARGS,
+     "_metadata_address() -> int\n--\n\nTest-only: the address of this pool's record in prmem's "
+     "write-rare metadata (read-only pages; a native write there faults)."},
     {"_access_enter", (PyCFunction)prmem_pool_access_enter, METH_NOARGS,
      "Hold access to a no-access pool's memory (Pool.access())."},
     {"_access_leave", (PyCFunction)prmem_pool_access_leave, METH_NOARGS,

@@ -155,7 +155,7 @@ prmem_fail_memlock(PoolObject *pool, prmem_error *e, const char *what, size_t si
                       "`ulimit -l`, LimitMEMLOCK= in systemd or /etc/security/limits.conf, or "
                       "lock less: each secret or lock=True pool locks at least refill= bytes "
                       "(%zu for this pool), so a smaller refill= or fewer such pools help",
-                      pool->cname, size, what, strerror(err), limit, pool->refill);
+                      pool->cname, size, what, strerror(err), limit, pool->m->refill);
 }
 
 static int
@@ -296,7 +296,7 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
      * fallback is an unnamed tmpfs file: pwrite() and shared mappings work
      * the same, but it cannot be sealed, so READ_ONLY is enforced by the
      * MMU only (prmem.features lacks "memfd"; prmem info says so). */
-    int kind = pool->secret ? PRMEM_BACKING_SECRET
+    int kind = pool->m->secret ? PRMEM_BACKING_SECRET
                : (prmem_features & PRMEM_FEAT_MEMFD) ? PRMEM_BACKING_MEMFD
                                                      : PRMEM_BACKING_TMPFILE;
     static const char *const calls[] = {"memfd_create", "open(/dev/shm, O_TMPFILE)",
@@ -352,7 +352,7 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
             return fail_nomemory(pool, e, size, "mmap", err);
         return prmem_fail_os(e, "mmap", err);
     }
-    if (pool->dontdump && !pool->noaccess)
+    if (pool->m->dontdump && !pool->m->noaccess)
         madvise(base, size, MADV_DONTDUMP); /* no-access pools: per area, below */
     prmem_chunk *ch = &pool->chunks[pool->nchunks++];
     memset(ch, 0, sizeof(*ch));
@@ -406,11 +406,11 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
     if (need > SIZE_MAX - prmem_page_size)
         return fail_nomemory(pool, e, need, "mmap", ENOMEM);
     size_t area_size = prmem_round_up_pages(need);
-    if (area_size < pool->refill)
-        area_size = pool->refill;
+    if (area_size < pool->m->refill)
+        area_size = pool->m->refill;
 
     Py_ssize_t prev = pool->cur_area;
-    int auto_mode = pool->mode == PRMEM_MODE_AUTO_RO || pool->mode == PRMEM_MODE_AUTO_WR;
+    int auto_mode = pool->m->mode == PRMEM_MODE_AUTO_RO || pool->m->mode == PRMEM_MODE_AUTO_WR;
     if (auto_mode && prev >= 0 && pool->areas[prev].wexports > 0)
         return prmem_fail(e, PyExc_BufferError,
                           "prmem pool '%.200s': this allocation would auto-protect the "
@@ -430,17 +430,17 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
     prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
     if (ch == NULL || ch->sealed || prmem_chunk_is_shared(ch) || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
-        if (chunk_size < pool->next_chunk_size && !pool->secret)
-            chunk_size = pool->next_chunk_size;
+        if (chunk_size < pool->m->next_chunk_size && !pool->m->secret)
+            chunk_size = pool->m->next_chunk_size;
         if (chunk_new(pool, chunk_size, e) < 0)
             return -1;
-        if (pool->next_chunk_size < PRMEM_MAX_CHUNK_SIZE)
-            pool->next_chunk_size *= 2;
+        if (pool->m->next_chunk_size < PRMEM_MAX_CHUNK_SIZE)
+            META_SET(pool->m->next_chunk_size, pool->m->next_chunk_size * 2);
         ch = &pool->chunks[pool->nchunks - 1];
     }
 
     char *start = ch->base + ch->used;
-    int state = pool->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
+    int state = pool->m->mode == PRMEM_MODE_START_WR ? PRMEM_WRITE_RARE : PRMEM_WRITABLE;
     int prot = state == PRMEM_WRITABLE || !prmem_enforce ? PROT_READ | PROT_WRITE
                                                           : prmem_protected_prot(pool);
     if (mprotect(start, area_size, prot) < 0) {
@@ -449,12 +449,12 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
             return fail_nomemory(pool, e, area_size, "mprotect", err);
         return prmem_fail_os(e, "mprotect", err);
     }
-    if (pool->mlock_areas && prmem_lock_range(start, area_size) < 0) {
+    if (pool->m->mlock_areas && prmem_lock_range(start, area_size) < 0) {
         int err = errno;
         mprotect(start, area_size, PROT_NONE); /* leave the pool as it was */
         return prmem_fail_memlock(pool, e, "lock=True", area_size, err);
     }
-    if (pool->noaccess)
+    if (pool->m->noaccess)
         madvise(start, area_size, MADV_DONTDUMP); /* see prmem_advise() */
     if (area_size >= PRMEM_HUGE_AREA)
         madvise(start, area_size, MADV_HUGEPAGE);
@@ -479,7 +479,7 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
         if (old->state == PRMEM_WRITABLE) {
             if (prmem_protect_range(old->start, old->size, prmem_protected_prot(pool)) < 0)
                 return prmem_fail_os(e, "mprotect", errno);
-            old->state = pool->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
+            old->state = pool->m->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
             pool->protect_event = 1;
         }
     }
@@ -715,7 +715,7 @@ prmem_pool_release(PoolObject *pool)
         /* Unmap first: the hole punched below then frees pages that no page
          * table maps any more, which is cheaper than tearing both down. */
         if (ch->msealed) {
-            if (pool->mlock_areas && ch->used > 0)
+            if (pool->m->mlock_areas && ch->used > 0)
                 prmem_unlock_range(ch->base, ch->used);
             __atomic_add_fetch(&leftover_chunks, 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&leftover_bytes, ch->used, __ATOMIC_RELAXED);

@@ -241,7 +241,8 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
     if (si_code == SEGV_MAPERR)
         put("\nprmem: fatal access to prmem memory that is not mapped (unmapped by "
             "native code, or a prmem bug)\n");
-    else if (is_write == 0 && pool != NULL && __atomic_load_n(&pool->noaccess, __ATOMIC_RELAXED))
+    else if (is_write == 0 && pool != NULL && prmem_pool_meta_ok(pool) &&
+             __atomic_load_n(&pool->m->noaccess, __ATOMIC_RELAXED))
         put("\nprmem: fatal read of no-access memory (outside `with pool.access():`)\n");
     else if (is_write == 0)
         put("\nprmem: fatal read of inaccessible prmem memory\n");
@@ -625,7 +626,7 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
     r->start = (uintptr_t)start;
     r->end = (uintptr_t)start + size;
     r->pool = pool;
-    r->mode = pool->mode;
+    r->mode = pool->m->mode;
     r->sealed = 0;
     /* truncated on a UTF-8 character boundary */
     const char *name = pool->cname != NULL ? pool->cname : "?";

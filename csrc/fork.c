@@ -99,7 +99,7 @@ static int
 anything_to_copy(void)
 {
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
-        if (!p->ready || p->destroyed)
+        if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++)
             if (copied_at_fork(p, ci))
@@ -117,6 +117,7 @@ prepare(void)
     lazy = prmem_lazy_fork_prepare();
     if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
         copied_pipe[0] = copied_pipe[1] = -1;
+    prmem_meta_fork_prepare(); /* last: takes meta.c's leaf lock */
 }
 
 static void
@@ -130,9 +131,10 @@ unlock_all(void)
 static void
 parent(void)
 {
+    prmem_meta_fork_parent();
     unsigned long long gen = prmem_lazy_fork_parent(lazy);
     for (PoolObject *p = registry_head; gen != 0 && p != NULL; p = p->reg_next) {
-        if (!p->ready || p->destroyed)
+        if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++)
             if (prmem_chunk_can_stay_shared(p, ci) && p->chunks[ci].shared_gen == 0)
@@ -180,7 +182,7 @@ privatize_chunk(PoolObject *pool, size_t ci)
         }
     }
     prmem_advise(pool, ch, ch->base, ch->size);
-    if (pool->mlock_areas && ch->used > 0)
+    if (pool->m->mlock_areas && ch->used > 0)
         mlock(ch->base, ch->used);
     struct stat st;
     if (fstat(fd, &st) == 0) {
@@ -237,7 +239,7 @@ share_readonly(PoolObject *pool, size_t ci)
         return -1;
     }
     prmem_advise(pool, ch, ch->base, ch->size);
-    if (pool->mlock_areas && ch->used > 0)
+    if (pool->m->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     close(ch->fd);
     ch->fd = ro;
@@ -289,8 +291,9 @@ static void
 child(void)
 {
     size_t nshared = 0;
+    prmem_meta_fork_child(); /* first: this process's metadata is its own */
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
-        if (!p->ready || p->destroyed)
+        if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->nchunks; ci++) {
             prmem_chunk *ch = &p->chunks[ci];
@@ -317,7 +320,7 @@ child(void)
                 /* The pool refuses changes from now on; its memory becomes
                  * a private snapshot, or, if not even anonymous memory can
                  * be had, fails closed: never shared with the parent. */
-                p->fork_errno = errno ? errno : EIO;
+                META_SET(p->m->fork_errno, errno ? errno : EIO);
                 if (snapshot_chunk(p, ci) < 0)
                     mprotect(ch->base, ch->size, PROT_NONE);
             }

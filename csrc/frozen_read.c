@@ -148,7 +148,7 @@ PRMEM_INTERNAL int
 prmem_fz_enter(const prmem_extent *x)
 {
     PoolObject *pool = x->alloc->pool;
-    if (!pool->noaccess)
+    if (!pool->m->noaccess)
         return 0;
     prmem_error e;
     POOL_LOCK(pool);
@@ -163,7 +163,7 @@ PRMEM_INTERNAL void
 prmem_fz_leave(const prmem_extent *x)
 {
     PoolObject *pool = x->alloc->pool;
-    if (!pool->noaccess)
+    if (!pool->m->noaccess)
         return;
     prmem_error e;
     POOL_LOCK(pool);

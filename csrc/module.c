@@ -4,6 +4,8 @@
  */
 #include "prmem.h"
 
+#include <errno.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,6 +179,10 @@ module_exec(PyObject *module)
     if (apply_disabled_features() < 0)
         return -1;
     prmem_enforce = prmem_read_enforce();
+    if (prmem_meta_init() < 0) {
+        prmem_set_oserror("prmem: reserving prmem's metadata", errno);
+        return -1;
+    }
     if (prmem_fork_init() < 0)
         return -1;
 

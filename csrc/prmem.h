@@ -185,15 +185,18 @@ typedef struct {
 
 typedef struct prmem_module_state prmem_module_state;
 
-typedef struct PoolObject {
-    PyObject_HEAD
-    pthread_mutex_t lock;
-    prmem_module_state *mstate; /* valid while the type (hence module) lives */
+/*
+ * A pool's record in prmem's own metadata (meta.c): every field that decides
+ * what state the pool is in or how its memory is mapped.  The page is
+ * PROT_READ: fields are read with plain loads and changed only with
+ * META_SET (a pwrite() on the metadata file), under the pool lock.
+ */
+typedef struct prmem_pool_meta {
+    const struct PoolObject *owner; /* back-reference, checked before use */
+    unsigned long long serial;      /* == owner->serial */
     int ready;
     int destroyed;
-    unsigned long long serial; /* unique for the life of the process, never reused */
     int mode;               /* enum prmem_mode */
-    int align_order;        /* default alignment, log2 */
     int seal;               /* also mseal() READ_ONLY chunks */
     int secret;             /* areas backed by memfd_secret() */
     int dontdump;           /* MADV_DONTDUMP on every mapping */
@@ -204,10 +207,53 @@ typedef struct PoolObject {
     int share;              /* sealed chunks keep a read-only descriptor to pass on */
     int destroy_pending;    /* destroy as soon as the last view and handle go */
     int attached;           /* memory received from another process (share.c) */
-    void *attach_marks;     /* share.c: the "attached from" markers, to unmap */
-    size_t nattach_marks;
+    int noaccess;           /* no-access pool (access.c) */
+    int fork_errno;         /* the child could not get a private copy */
+    int broken_errno;       /* a failed re-map could not be undone: unusable */
     size_t refill;          /* minimum area size, page-rounded */
     size_t next_chunk_size; /* reservation size for the next chunk */
+} prmem_pool_meta;
+
+/* meta.c: prmem's own metadata, write-rare; the bottom floor.  One reserved
+ * range [prmem_meta_base, + PRMEM_META_RESERVE), PROT_READ, changed only by
+ * pwrite() on its file.  Pure C, no Python API; meta.c's lock is a leaf
+ * below every other prmem lock. */
+#define PRMEM_META_RESERVE ((size_t)1 << 30)
+#define PRMEM_META_RECORD 256
+extern PRMEM_INTERNAL char *prmem_meta_base;
+PRMEM_INTERNAL int prmem_meta_init(void);          /* 0, or -1 with errno */
+PRMEM_INTERNAL void prmem_meta_write(void *dst, const void *src, size_t n);
+PRMEM_INTERNAL void prmem_meta_zero(void *dst, size_t n);
+PRMEM_INTERNAL void *prmem_meta_record_alloc(void); /* zeroed; NULL: no memory */
+PRMEM_INTERNAL void prmem_meta_record_free(void *rec);
+PRMEM_INTERNAL void *prmem_meta_alloc(size_t n);    /* zeroed; NULL: no memory */
+PRMEM_INTERNAL void prmem_meta_free(void *p, size_t n);
+PRMEM_INTERNAL int prmem_meta_is_record(const void *p);
+PRMEM_INTERNAL int prmem_meta_contains(const void *p, size_t n);
+PRMEM_INTERNAL void prmem_meta_fork_prepare(void);
+PRMEM_INTERNAL void prmem_meta_fork_parent(void);
+PRMEM_INTERNAL void prmem_meta_fork_child(void);
+
+/* Set a field of a metadata record: the only way metadata changes. */
+#define META_SET(lvalue, value)                                                \
+    do {                                                                       \
+        __typeof__(lvalue) meta_v_ = (value);                                  \
+        prmem_meta_write((void *)&(lvalue), &meta_v_, sizeof(meta_v_));        \
+    } while (0)
+
+typedef struct PoolObject {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    prmem_module_state *mstate; /* valid while the type (hence module) lives */
+    prmem_pool_meta *m;     /* this pool's record in prmem's write-rare
+                             * metadata (meta.c); ordinary memory itself, so
+                             * checked by prmem_pool_meta_ok() before use */
+    unsigned long long serial; /* unique for the life of the process, never
+                                * reused; also in the record, compared */
+    int align_order;        /* default alignment, log2 (alloc checks every
+                             * address against the protected area bounds) */
+    void *attach_marks;     /* share.c: the "attached from" markers, to unmap */
+    size_t nattach_marks;
     PyObject *name;         /* exact str (a copy, never a user subclass) */
     char *cname;            /* the name as UTF-8, for messages built under the lock */
     prmem_chunk *chunks;
@@ -227,15 +273,31 @@ typedef struct PoolObject {
     /* registry of live pools, for fork handling (fork.c) */
     struct PoolObject *reg_prev, *reg_next;
     int registered;
-    int fork_errno;         /* the child could not get a private copy */
-    int broken_errno;       /* a failed re-map could not be undone: unusable */
     int protect_event;      /* memory became protected: the allocator tells fault.c */
     /* no-access pools (access.c): protected areas are PROT_NONE except
      * while access_count > 0 (open access() blocks, views taken inside
      * one, frozen-container reads in progress) */
-    int noaccess;
     Py_ssize_t access_count;
 } PoolObject;
+
+/* The pool's metadata pointer is ordinary memory: follow it only if it
+ * points at a record in prmem's metadata range whose back-reference and
+ * serial are this pool's. */
+static inline int
+prmem_pool_meta_ok(const PoolObject *pool)
+{
+    const prmem_pool_meta *m = pool->m;
+    return m != NULL && prmem_meta_is_record(m) && m->owner == pool &&
+           m->serial == pool->serial;
+}
+
+/* Initialised, with a record that checks out (otherwise
+ * prmem_raise_uninitialised() says which). */
+static inline int
+prmem_pool_ready(const PoolObject *pool)
+{
+    return prmem_pool_meta_ok(pool) && pool->m->ready;
+}
 
 #ifndef MADV_HUGEPAGE
 #define MADV_HUGEPAGE 14
@@ -257,11 +319,11 @@ typedef struct PoolObject {
 static inline void
 prmem_advise(const PoolObject *pool, const prmem_chunk *ch, char *base, size_t len)
 {
-    if (pool->noaccess) {
+    if (pool->m->noaccess) {
         if (ch->used > 0)
             madvise(base, ch->used < len ? ch->used : len, MADV_DONTDUMP);
     }
-    else if (pool->dontdump)
+    else if (pool->m->dontdump)
         madvise(base, len, MADV_DONTDUMP);
     size_t ci = (size_t)(ch - pool->chunks);
     for (size_t i = 0; i < pool->nareas; i++) {
@@ -277,7 +339,7 @@ prmem_advise(const PoolObject *pool, const prmem_chunk *ch, char *base, size_t l
 static inline int
 prmem_protected_prot(const PoolObject *pool)
 {
-    return pool->noaccess && pool->access_count == 0 ? PROT_NONE : PROT_READ;
+    return pool->m->noaccess && pool->access_count == 0 ? PROT_NONE : PROT_READ;
 }
 
 typedef struct {
@@ -447,6 +509,7 @@ PRMEM_INTERNAL PyObject *prmem_pool_access_leave(PoolObject *self, PyObject *unu
 /* report.c: Pool._stats() and Pool._verify(). */
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_verify(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_metadata_address(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,

@@ -40,7 +40,7 @@ retry:
     POOL_LOCK(pool);
     if (prmem_check_changeable(pool, &e) < 0)
         goto fail;
-    if (!mode_has_write_rare(pool->mode)) {
+    if (!mode_has_write_rare(pool->m->mode)) {
         prmem_fail(&e, pool->mstate->ProtectionError,
                    "prmem pool '%.200s' has a read-only mode: its memory has no write-rare "
                    "state (use a WR, AUTO_WR or START_WR pool)",
@@ -191,7 +191,7 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_rare_write(PoolObject *self, PyObject *const *args, Py_ssize_t nargs,
                       PyObject *kwnames)
 {
-    if (!self->ready)
+    if (!prmem_pool_ready(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     return do_rare_write(self, self->mstate, args, nargs, kwnames);
 }
@@ -200,7 +200,7 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_rare_memset(PoolObject *self, PyObject *const *args, Py_ssize_t nargs,
                        PyObject *kwnames)
 {
-    if (!self->ready)
+    if (!prmem_pool_ready(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     return do_rare_memset(self, self->mstate, args, nargs, kwnames);
 }
@@ -223,20 +223,20 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_make_ro(PoolObject *self, PyObject *unused)
 {
     (void)unused;
-    if (!self->ready)
+    if (!prmem_pool_ready(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     prmem_error e;
     POOL_LOCK(self);
     if (prmem_check_changeable(self, &e) < 0)
         goto fail;
-    if (self->section && mode_has_write_rare(self->mode)) {
+    if (self->m->section && mode_has_write_rare(self->m->mode)) {
         prmem_fail(&e, self->mstate->ProtectionError,
                    "%.200s cannot become read-only at run time (as __wr_after_init in the "
                    "kernel); use a WR pool and make_ro() for data that settles",
                    self->cname);
         goto fail;
     }
-    if (!mode_has_write_rare(self->mode)) {
+    if (!mode_has_write_rare(self->m->mode)) {
         POOL_UNLOCK(self); /* nothing is write-rare: already as protected as it gets */
         Py_RETURN_NONE;
     }

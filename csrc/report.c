@@ -12,7 +12,7 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_verify(PoolObject *self, PyObject *unused)
 {
     (void)unused;
-    if (!self->ready)
+    if (!prmem_pool_ready(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     enum { MAX_FINDINGS = 16 };
     prmem_verify_finding found[MAX_FINDINGS];
@@ -54,7 +54,7 @@ PRMEM_INTERNAL PyObject *
 prmem_pool_stats(PoolObject *self, PyObject *unused)
 {
     (void)unused;
-    if (!self->ready)
+    if (!prmem_pool_ready(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     PyObject *d = PyDict_New();
     if (d == NULL)
@@ -83,9 +83,9 @@ prmem_pool_stats(PoolObject *self, PyObject *unused)
         self->nallocs, self->nareas, self->nchunks, sealed_chunks,
         self->bytes_requested, mapped, reserved, self->bytes_lost, free_bytes,
         by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
-        (size_t)self->exports, (size_t)self->wexports, (size_t)self->mode,
-        (size_t)self->secret, (size_t)self->dontdump, (size_t)self->lock_requested,
-        (size_t)self->seal, descriptors, (size_t)self->noaccess,
+        (size_t)self->exports, (size_t)self->wexports, (size_t)self->m->mode,
+        (size_t)self->m->secret, (size_t)self->m->dontdump, (size_t)self->m->lock_requested,
+        (size_t)self->m->seal, descriptors, (size_t)self->m->noaccess,
         (size_t)(self->access_count > 0 ? self->access_count : 0),
     };
     POOL_UNLOCK(self);
@@ -106,3 +106,15 @@ prmem_pool_stats(PoolObject *self, PyObject *unused)
     return d;
 }
 
+
+/* Pool._metadata_address(): where the pool's record in prmem's protected
+ * metadata is.  Test-only: the tests write there natively to check that
+ * the page is read-only; nothing else needs it. */
+PRMEM_INTERNAL PyObject *
+prmem_pool_metadata_address(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!prmem_pool_meta_ok(self))
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
+    return PyLong_FromVoidPtr(self->m);
+}

@@ -230,7 +230,7 @@ restore_chunk(PoolObject *pool, size_t ci)
             return -1;
     }
     prmem_advise(pool, ch, ch->base, ch->size);
-    if (pool->mlock_areas && ch->used > 0)
+    if (pool->m->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     return 0;
 }
@@ -243,11 +243,11 @@ fail_seal(PoolObject *pool, size_t ci, prmem_error *e, const char *what, int err
     prmem_chunk *ch = &pool->chunks[ci];
     if (restore_chunk(pool, ci) < 0) {
         /* fail closed: nothing more goes through this pool */
-        pool->broken_errno = errno ? errno : EIO;
+        META_SET(pool->m->broken_errno, errno ? errno : EIO);
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s': sealing failed (%s: %s) and its memory could "
                           "not be mapped back (%s); the pool is unusable",
-                          pool->cname, what, strerror(err), strerror(pool->broken_errno));
+                          pool->cname, what, strerror(err), strerror(pool->m->broken_errno));
     }
     if (err == EBUSY)
         return prmem_fail(e, pool->mstate->ProtectionError,
@@ -298,7 +298,7 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
                           "through a read-only descriptor, and opening one failed (open %s: "
                           "%s); the pool is unchanged",
                           pool->cname, path, strerror(errno));
-    if (pool->mlock_areas && ch->used > 0)
+    if (pool->m->mlock_areas && ch->used > 0)
         prmem_unlock_range(ch->base, ch->used); /* re-locking stays within the limit */
     /* The used part readable (unless the pool is no-access and closed), the
      * unused tail inaccessible; neither mapping has the right to become
@@ -375,7 +375,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
             return -1;
     }
     int lock_errno = 0;
-    if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD && pool->mlock_areas && ch->used > 0 &&
+    if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD && pool->m->mlock_areas && ch->used > 0 &&
         prmem_lock_range(ch->base, ch->used) < 0)
         lock_errno = errno;
     if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
@@ -391,7 +391,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
      * write nor map writable (O_RDONLY, F_SEAL_WRITE). */
     close(ch->fd);
     ch->fd = -1;
-    if (ro_fd >= 0 && pool->share)
+    if (ro_fd >= 0 && pool->m->share)
         ch->fd = ro_fd;
     else if (ro_fd >= 0)
         close(ro_fd);
@@ -400,7 +400,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
             return prmem_fail_os(e, "munmap", errno);
         ch->size = ch->used;
     }
-    if (pool->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
+    if (pool->m->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
         if (prmem_sys_mseal(ch->base, ch->used) < 0)
             return prmem_fail_os(e, "mseal", errno);
         ch->msealed = 1;

@@ -41,7 +41,7 @@ check_exportable(PoolObject *pool, size_t ci, prmem_error *e)
     if (prmem_check_usable(pool, e) < 0)
         return -1;
     prmem_chunk *ch = &pool->chunks[ci];
-    if (pool->secret)
+    if (pool->m->secret)
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s' is a secret pool: its memory cannot be sealed "
                           "by the kernel, so it is never handed to another process",
@@ -89,7 +89,7 @@ export_pool(PyObject *module, PyObject *arg)
         return NULL;
     }
     PoolObject *pool = (PoolObject *)arg;
-    if (!pool->ready)
+    if (!prmem_pool_ready(pool))
         return prmem_raise_uninitialised(arg), NULL;
     PyObject *list = PyList_New(0);
     if (list == NULL)
@@ -288,7 +288,7 @@ attach(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "attach(): the name must be a str");
         goto close_all;
     }
-    if (!PyObject_TypeCheck(pool_obj, st->PoolType) || ((PoolObject *)pool_obj)->ready) {
+    if (!PyObject_TypeCheck(pool_obj, st->PoolType) || prmem_pool_ready((PoolObject *)pool_obj)) {
         PyErr_SetString(PyExc_TypeError, "attach() fills a new, uninitialised prmem.Pool");
         goto close_all;
     }
@@ -374,14 +374,15 @@ attach(PyObject *module, PyObject *args)
     POOL_LOCK(pool);
     static unsigned long long next_attached = 1ULL << 62; /* apart from local serials */
     pool->serial = __atomic_fetch_add(&next_attached, 1, __ATOMIC_RELAXED);
+    META_SET(pool->m->serial, pool->serial);
     pool->mstate = st;
-    pool->mode = PRMEM_MODE_RO;
+    META_SET(pool->m->mode, PRMEM_MODE_RO);
     pool->align_order = 3;
-    pool->seal = seal;
-    pool->attached = 1;
-    pool->closed = 1;
-    pool->refill = prmem_page_size;
-    pool->next_chunk_size = (size_t)16 << 20;
+    META_SET(pool->m->seal, seal);
+    META_SET(pool->m->attached, 1);
+    META_SET(pool->m->closed, 1);
+    META_SET(pool->m->refill, prmem_page_size);
+    META_SET(pool->m->next_chunk_size, (size_t)16 << 20);
     PyObject *placeholder = pool->name;
     pool->name = exact;
     pool->cname = cname;
@@ -393,7 +394,7 @@ attach(PyObject *module, PyObject *args)
     pool->attach_marks = marks;
     pool->nattach_marks = (size_t)n;
     pool->protect_event = 1;
-    pool->ready = 1;
+    META_SET(pool->m->ready, 1);
     prmem_sync_fault_registry(pool);
     POOL_UNLOCK(pool);
     Py_XDECREF(placeholder);
@@ -420,7 +421,7 @@ attached_allocation(PyObject *module, PyObject *args)
     unsigned long long chunk, offset, size;
     if (!PyArg_ParseTuple(args, "OKKK:attached_allocation", &pool_obj, &chunk, &offset, &size))
         return NULL;
-    if (!PyObject_TypeCheck(pool_obj, st->PoolType) || !((PoolObject *)pool_obj)->attached) {
+    if (!PyObject_TypeCheck(pool_obj, st->PoolType) || !((PoolObject *)pool_obj)->m->attached) {
         PyErr_SetString(PyExc_TypeError, "attached_allocation() takes an attached prmem.Pool");
         return NULL;
     }
@@ -461,7 +462,7 @@ is_attached(PyObject *module, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "expected a prmem.Pool");
         return NULL;
     }
-    return PyBool_FromLong(((PoolObject *)arg)->attached);
+    return PyBool_FromLong(((PoolObject *)arg)->m->attached);
 }
 
 static PyMethodDef share_functions[] = {

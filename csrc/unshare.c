@@ -262,7 +262,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
             errno = err;
             goto fail;
         }
-        if (pool->mlock_areas)
+        if (pool->m->mlock_areas)
             mlock(ch->base, ch->used);
     }
     /* The unused tail: nobody reads it, so a plain MAP_FIXED will do. */
@@ -274,7 +274,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         what = "mmap";
         goto fail_mapped;
     }
-    if (pool->dontdump && !pool->noaccess && ch->size > ch->used)
+    if (pool->m->dontdump && !pool->m->noaccess && ch->size > ch->used)
         madvise(ch->base + ch->used, ch->size - ch->used, MADV_DONTDUMP);
     struct stat st;
     if (fstat(fd, &st) == 0) {

@@ -1,0 +1,438 @@
+/*
+ * prmem's own metadata, write-rare: the bottom floor (calls nothing of
+ * prmem's; every other file may call it).
+ *
+ * One address range is reserved at module init (PRMEM_META_RESERVE bytes)
+ * and mapped MAP_SHARED, PROT_READ, from one memfd named "prmem-metadata"
+ * (an unnamed /dev/shm file without memfd_create).  The file is sparse: a
+ * page costs memory only once something is stored in it.  Nothing ever maps
+ * it writable; metadata changes only through prmem_meta_write(), a pwrite()
+ * on the file at (dst - base) -- the mechanism of rare_write() -- so no other
+ * thread can store to it in the meantime, and a stray native store into it
+ * faults.  An address alone tells protected metadata apart: it lies in
+ * [prmem_meta_base, prmem_meta_base + PRMEM_META_RESERVE).
+ *
+ * Layout of the range:
+ *   page 0                the allocator's own state (struct meta_header)
+ *   [RECORDS, HEAP)       fixed-size pool records (PRMEM_META_RECORD bytes):
+ *                         a record boundary is one the address shows
+ *   [HEAP, RESERVE)       arrays, power-of-two size classes with free lists
+ * Free blocks link through their first word (written with pwrite too).
+ * Pages are fallocate()d as the allocator hands them out, so a later
+ * pwrite() into them cannot fail for lack of memory; if one ever does fail
+ * anyway, metadata and the memory it describes would disagree, so prmem
+ * aborts the process (fail closed) rather than go on.
+ *
+ * Locking: meta_lock is a leaf lock below every other prmem lock, held for
+ * each write and allocation (pure C, no Python API).  fork.c holds it across
+ * fork(): prmem_meta_fork_prepare() copies the used parts into a new file
+ * while nothing can change them, the child maps that copy over the range
+ * before anything else runs (prmem_meta_fork_child()), and parent and child
+ * never see each other's metadata writes.  Copying in the parent, before
+ * fork(), rather than in the child avoids a window in which the parent's
+ * writes after fork() would still reach the child's view.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "prmem.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define RESERVE PRMEM_META_RESERVE
+#define RECORDS ((size_t)1 << 16)          /* after the header pages */
+#define HEAP ((size_t)64 << 20)            /* records: 64 MiB - 64 KiB */
+#define MIN_CLASS 5                        /* 32 bytes */
+#define NCLASSES 26                        /* up to 1 GiB (never reached) */
+#define COMMIT_STEP ((size_t)64 << 10)     /* fallocate granularity */
+
+struct meta_header {
+    size_t rec_top;              /* records handed out so far end here (offset) */
+    size_t rec_free;             /* offset of the first free record, 0: none */
+    size_t heap_top;             /* offset */
+    size_t heap_free[NCLASSES];  /* offsets of free blocks per class, 0: none */
+    size_t committed_rec;        /* fallocate()d up to here (offsets) */
+    size_t committed_heap;
+};
+
+PRMEM_INTERNAL char *prmem_meta_base;
+static int meta_fd = -1;
+static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
+static int fork_fd = -1; /* the copy made for a child by fork_prepare */
+/* A file made ahead of time, so that a fork() in a process out of
+ * descriptors still gives the child metadata of its own. */
+static int spare_fd = -1;
+
+#define HDR ((const struct meta_header *)prmem_meta_base)
+
+static int
+new_file(void)
+{
+    int fd = -1;
+#ifdef SYS_memfd_create
+    if (prmem_features & PRMEM_FEAT_MEMFD)
+        fd = (int)syscall(SYS_memfd_create, "prmem-metadata", MFD_CLOEXEC);
+#endif
+    if (fd < 0)
+        fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
+    return fd;
+}
+
+static void
+write_at(int fd, size_t off, const void *src, size_t n)
+{
+    if (fd < 0) {
+        /* Degraded: a child forked when no file could be had holds a
+         * private snapshot (see prmem_meta_fork_child); its pages are made
+         * writable for the copy only, with meta_lock held. */
+        char *d = prmem_meta_base + off;
+        uintptr_t lo = (uintptr_t)d & ~(uintptr_t)(prmem_page_size - 1);
+        uintptr_t hi = ((uintptr_t)d + n + prmem_page_size - 1) & ~(uintptr_t)(prmem_page_size - 1);
+        if (mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE) < 0)
+            abort();
+        memcpy(d, src, n);
+        mprotect((void *)lo, hi - lo, PROT_READ);
+        return;
+    }
+    const char *s = src;
+    while (n > 0) {
+        ssize_t w = pwrite(fd, s, n, (off_t)off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            static const char msg[] = "prmem: a write to prmem's metadata failed; "
+                                      "aborting rather than go on with inconsistent metadata\n";
+            ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+            (void)ignored;
+            abort();
+        }
+        s += w;
+        n -= (size_t)w;
+        off += (size_t)w;
+    }
+}
+
+static void
+write_locked(void *dst, const void *src, size_t n)
+{
+    char *d = dst;
+    if (d < prmem_meta_base || d + n > prmem_meta_base + RESERVE || n > RESERVE)
+        abort(); /* a prmem bug: never write outside the metadata file */
+    write_at(meta_fd, (size_t)(d - prmem_meta_base), src, n);
+}
+
+#define HSET(field, value)                                                     \
+    do {                                                                       \
+        size_t v_ = (value);                                                   \
+        write_locked((void *)&HDR->field, &v_, sizeof(v_));                    \
+    } while (0)
+
+PRMEM_INTERNAL int
+prmem_meta_init(void)
+{
+    if (prmem_meta_base != NULL)
+        return 0;
+    int fd = new_file();
+    if (fd < 0)
+        return -1;
+    if (ftruncate(fd, (off_t)RESERVE) < 0 ||
+        fallocate(fd, 0, 0, (off_t)prmem_page_size) < 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    void *base = mmap(NULL, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (base == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    madvise(base, RESERVE, MADV_DONTDUMP);
+    prmem_meta_base = base;
+    meta_fd = fd;
+    spare_fd = new_file();
+    struct meta_header h;
+    memset(&h, 0, sizeof(h));
+    h.rec_top = RECORDS;
+    h.heap_top = HEAP;
+    h.committed_rec = RECORDS;
+    h.committed_heap = HEAP;
+    write_locked(prmem_meta_base, &h, sizeof(h));
+    return 0;
+}
+
+PRMEM_INTERNAL void
+prmem_meta_write(void *dst, const void *src, size_t n)
+{
+    char *d = dst;
+    /* pool records and heap blocks only: the header is the allocator's */
+    if (d < prmem_meta_base + RECORDS || d + n > prmem_meta_base + RESERVE || d + n < d)
+        abort();
+    pthread_mutex_lock(&meta_lock);
+    write_at(meta_fd, (size_t)(d - prmem_meta_base), src, n);
+    pthread_mutex_unlock(&meta_lock);
+}
+
+PRMEM_INTERNAL void
+prmem_meta_zero(void *dst, size_t n)
+{
+    static const char zeros[4096];
+    char *d = dst;
+    while (n > 0) {
+        size_t k = n < sizeof(zeros) ? n : sizeof(zeros);
+        prmem_meta_write(d, zeros, k);
+        d += k;
+        n -= k;
+    }
+}
+
+/* Make [from, to) backed by allocated pages; 0, or -1 (ENOMEM) */
+static int
+commit(size_t field_off, size_t current, size_t to)
+{
+    if (to <= current)
+        return 0;
+    size_t upto = (to + COMMIT_STEP - 1) & ~(COMMIT_STEP - 1);
+    if (fallocate(meta_fd, 0, (off_t)current, (off_t)(upto - current)) < 0) {
+        if (errno != EOPNOTSUPP)
+            return -1;
+    }
+    size_t v = upto;
+    write_locked(prmem_meta_base + field_off, &v, sizeof(v));
+    return 0;
+}
+
+PRMEM_INTERNAL void *
+prmem_meta_record_alloc(void)
+{
+    void *rec = NULL;
+    pthread_mutex_lock(&meta_lock);
+    if (HDR->rec_free != 0) {
+        size_t off = HDR->rec_free;
+        size_t next;
+        memcpy(&next, prmem_meta_base + off, sizeof(next));
+        HSET(rec_free, next);
+        rec = prmem_meta_base + off;
+        static const char zeros[PRMEM_META_RECORD];
+        write_at(meta_fd, off, zeros, sizeof(zeros));
+    }
+    else if (HDR->rec_top + PRMEM_META_RECORD <= HEAP &&
+             commit(offsetof(struct meta_header, committed_rec), HDR->committed_rec,
+                    HDR->rec_top + PRMEM_META_RECORD) == 0) {
+        rec = prmem_meta_base + HDR->rec_top;
+        HSET(rec_top, HDR->rec_top + PRMEM_META_RECORD);
+    }
+    pthread_mutex_unlock(&meta_lock);
+    return rec;
+}
+
+PRMEM_INTERNAL void
+prmem_meta_record_free(void *rec)
+{
+    if (rec == NULL || !prmem_meta_is_record(rec))
+        return;
+    pthread_mutex_lock(&meta_lock);
+    static const char zeros[PRMEM_META_RECORD];
+    size_t off = (size_t)((char *)rec - prmem_meta_base);
+    write_at(meta_fd, off, zeros, sizeof(zeros)); /* the back-reference goes */
+    size_t next = HDR->rec_free;
+    write_at(meta_fd, off, &next, sizeof(next));
+    HSET(rec_free, off);
+    pthread_mutex_unlock(&meta_lock);
+}
+
+static int
+size_class(size_t n)
+{
+    int k = MIN_CLASS;
+    while (k < MIN_CLASS + NCLASSES && ((size_t)1 << k) < n)
+        k++;
+    return k < MIN_CLASS + NCLASSES ? k - MIN_CLASS : -1;
+}
+
+/* n bytes of zeroed metadata for an array, or NULL (out of memory or
+ * address space).  Free with prmem_meta_free(p, n), n as allocated. */
+PRMEM_INTERNAL void *
+prmem_meta_alloc(size_t n)
+{
+    int c = size_class(n ? n : 1);
+    if (c < 0)
+        return NULL;
+    size_t sz = (size_t)1 << (c + MIN_CLASS);
+    void *p = NULL;
+    pthread_mutex_lock(&meta_lock);
+    if (HDR->heap_free[c] != 0) {
+        size_t off = HDR->heap_free[c];
+        size_t next;
+        memcpy(&next, prmem_meta_base + off, sizeof(next));
+        HSET(heap_free[c], next);
+        p = prmem_meta_base + off;
+        write_at(meta_fd, off, &(size_t){0}, sizeof(size_t));
+        /* the rest was zeroed when it was freed */
+    }
+    else {
+        size_t align = sz < prmem_page_size ? sz : prmem_page_size;
+        size_t off = (HDR->heap_top + align - 1) & ~(align - 1);
+        if (off <= RESERVE && sz <= RESERVE - off &&
+            commit(offsetof(struct meta_header, committed_heap), HDR->committed_heap,
+                   off + sz) == 0) {
+            HSET(heap_top, off + sz);
+            p = prmem_meta_base + off;
+        }
+    }
+    pthread_mutex_unlock(&meta_lock);
+    return p;
+}
+
+PRMEM_INTERNAL void
+prmem_meta_free(void *p, size_t n)
+{
+    if (p == NULL)
+        return;
+    int c = size_class(n ? n : 1);
+    char *d = p;
+    if (c < 0 || d < prmem_meta_base + HEAP || d >= prmem_meta_base + RESERVE)
+        abort();
+    size_t sz = (size_t)1 << (c + MIN_CLASS);
+    if (sz >= COMMIT_STEP)
+        fallocate(meta_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)(d - prmem_meta_base), (off_t)sz); /* zero, free the pages */
+    else
+        prmem_meta_zero(d, sz);
+    if (sz >= COMMIT_STEP)
+        fallocate(meta_fd, 0, (off_t)(d - prmem_meta_base), (off_t)sz);
+    pthread_mutex_lock(&meta_lock);
+    size_t off = (size_t)(d - prmem_meta_base);
+    size_t next = HDR->heap_free[c];
+    write_at(meta_fd, off, &next, sizeof(next));
+    HSET(heap_free[c], off);
+    pthread_mutex_unlock(&meta_lock);
+}
+
+PRMEM_INTERNAL int
+prmem_meta_is_record(const void *p)
+{
+    uintptr_t a = (uintptr_t)p, b = (uintptr_t)prmem_meta_base;
+    if (prmem_meta_base == NULL || a < b + RECORDS || a >= b + HEAP)
+        return 0;
+    size_t off = a - b;
+    return (off - RECORDS) % PRMEM_META_RECORD == 0 &&
+           off < __atomic_load_n(&HDR->rec_top, __ATOMIC_RELAXED);
+}
+
+PRMEM_INTERNAL int
+prmem_meta_contains(const void *p, size_t n)
+{
+    uintptr_t a = (uintptr_t)p, b = (uintptr_t)prmem_meta_base;
+    return prmem_meta_base != NULL && a >= b + RECORDS && a <= b + RESERVE &&
+           n <= b + RESERVE - a;
+}
+
+/* ------------------------------------------------------------- fork() */
+
+static void
+copy_range(int to, size_t from_off, size_t end)
+{
+    if (end > from_off)
+        write_at(to, from_off, prmem_meta_base + from_off, end - from_off);
+}
+
+/* Allocate the pages of [from, to) of file fd; 0, or -1 */
+static int
+reserve(int fd, size_t from, size_t to)
+{
+    if (to <= from || fallocate(fd, 0, (off_t)from, (off_t)(to - from)) == 0)
+        return 0;
+    return errno == EOPNOTSUPP ? 0 : -1;
+}
+
+/* With every pool lock held: take meta_lock and copy the used parts into a
+ * new file for the child (fork_fd; -1 if that fails: the child makes its
+ * copy itself then). */
+PRMEM_INTERNAL void
+prmem_meta_fork_prepare(void)
+{
+    if (prmem_meta_base == NULL)
+        return;
+    pthread_mutex_lock(&meta_lock);
+    int fd = new_file();
+    if (fd < 0) {
+        fd = spare_fd;
+        spare_fd = -1;
+    }
+    if (fd >= 0 && ftruncate(fd, (off_t)RESERVE) < 0) {
+        close(fd);
+        fd = -1;
+    }
+    if (fd >= 0 && (reserve(fd, 0, HDR->committed_rec) < 0 ||
+                    reserve(fd, HEAP, HDR->committed_heap) < 0)) {
+        close(fd);
+        fd = -1;
+    }
+    if (fd >= 0) {
+        copy_range(fd, 0, HDR->rec_top);
+        copy_range(fd, HEAP, HDR->heap_top);
+    }
+    fork_fd = fd;
+}
+
+PRMEM_INTERNAL void
+prmem_meta_fork_parent(void)
+{
+    if (prmem_meta_base == NULL)
+        return;
+    if (fork_fd >= 0)
+        close(fork_fd);
+    fork_fd = -1;
+    if (spare_fd < 0)
+        spare_fd = new_file();
+    pthread_mutex_unlock(&meta_lock);
+}
+
+/* In the child, before anything reads or writes metadata again. */
+PRMEM_INTERNAL void
+prmem_meta_fork_child(void)
+{
+    if (prmem_meta_base == NULL)
+        return;
+    int fd = fork_fd;
+    fork_fd = -1;
+    if (spare_fd >= 0)
+        close(spare_fd); /* the parent's */
+    spare_fd = -1;
+    if (fd >= 0) {
+        if (mmap(prmem_meta_base, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE | MAP_FIXED,
+                 fd, 0) == MAP_FAILED)
+            abort(); /* never go on writing the parent's metadata */
+    }
+    else if (meta_fd >= 0) {
+        /* No file at all: a private snapshot, copied while the parent
+         * still waits in fork() for nothing (the copy reads our own view
+         * of A, which the parent may change from now on: only the used
+         * parts as of prepare, which the parent had locked, matter, and
+         * they were complete then -- pages the parent writes after
+         * fork() can reach this view until the mremap below). */
+        size_t used_rec = HDR->rec_top, heap_top = HDR->heap_top;
+        char *copy = mmap(NULL, RESERVE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (copy == MAP_FAILED)
+            abort();
+        memcpy(copy, prmem_meta_base, used_rec);
+        memcpy(copy + HEAP, prmem_meta_base + HEAP, heap_top - HEAP);
+        mprotect(copy, RESERVE, PROT_READ);
+        if (mremap(copy, RESERVE, RESERVE, MREMAP_MAYMOVE | MREMAP_FIXED, prmem_meta_base) ==
+            MAP_FAILED)
+            abort();
+    }
+    madvise(prmem_meta_base, RESERVE, MADV_DONTDUMP);
+    if (meta_fd >= 0)
+        close(meta_fd);
+    meta_fd = fd;
+    spare_fd = new_file();
+    pthread_mutex_unlock(&meta_lock);
+}

@@ -1,0 +1,206 @@
+"""prmem's own metadata (issue 14): pool records live in prmem's write-rare
+metadata range, read-only to the MMU, changed only through pwrite().
+
+``Pool._metadata_address()`` is a test-only accessor: the address of the
+pool's record.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import prmem
+from prmem import Mode, Pool
+
+from conftest import run_child
+
+RESERVE = 1 << 30
+
+
+def metadata_mappings():
+    """(start, end, perms) of the mappings of prmem's metadata file."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "prmem-metadata" in line:
+                addrs, perms = line.split()[:2]
+                start, end = (int(x, 16) for x in addrs.split("-"))
+                out.append((start, end, perms))
+    return out
+
+
+def test_metadata_is_one_read_only_shared_range():
+    pool = Pool(Mode.WR, name="meta-range")
+    addr = pool._metadata_address()
+    maps = metadata_mappings()
+    assert maps, "no metadata mapping"
+    assert all(perms == "r--s" for _, _, perms in maps), maps
+    assert sum(end - start for start, end, _ in maps) == RESERVE
+    assert any(start <= addr < end for start, end, _ in maps)
+    pool.destroy()
+
+
+STATES = {
+    "new": "",
+    "writable": "a = pool.alloc(64)\na.write(b'x')",
+    "write_rare": "a = pool.alloc(64)\npool.protect()",
+    "read_only": "a = pool.alloc(64)\npool.protect()\npool.make_ro()",
+    "destroyed": "a = pool.alloc(64)\ndel a\npool.destroy()",
+}
+
+
+@pytest.mark.parametrize("state", sorted(STATES))
+def test_native_write_to_metadata_dies(state):
+    proc = run_child(
+        "pool = Pool(Mode.WR, name='meta-%s')\n%s\n" % (state, STATES[state])
+        + "addr = pool._metadata_address()\n"
+        "import ctypes\n"
+        "print('before', flush=True)\n"
+        "ctypes.memset(addr + 8, 0x41, 8)\n"
+        "print('survived', flush=True)\n"
+    )
+    assert "before" in proc.stdout, proc.stderr
+    assert "survived" not in proc.stdout
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr
+
+
+def test_a_pointer_outside_the_metadata_is_not_followed():
+    # The PoolObject's pointer to its record is ordinary memory: overwrite it
+    # (found by its value after the object header) and the pool refuses.
+    proc = run_child(
+        """
+import ctypes, struct
+pool = Pool(Mode.WR, name='meta-ptr')
+a = pool.alloc(16)
+addr = pool._metadata_address()
+base = id(pool)
+slot = None
+for off in range(16, 256, 8):
+    if struct.unpack('P', ctypes.string_at(base + off, 8))[0] == addr:
+        slot = off
+        break
+assert slot is not None
+ctypes.memmove(base + slot, struct.pack('P', addr + 256), 8)  # another record slot
+for call in (lambda: pool.alloc(8), lambda: pool.protect(), lambda: pool.stats(),
+             lambda: pool.rare_write(a, b'x')):
+    try:
+        call()
+        raise SystemExit('followed')
+    except prmem.ProtectionError as e:
+        assert 'meta-ptr' in str(e) and 'metadata' in str(e), e
+ctypes.memmove(base + slot, struct.pack('P', addr), 8)  # put it back
+pool.alloc(8)
+print('OK')
+"""
+    )
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_fork_gives_the_child_its_own_metadata():
+    proc = run_child(
+        """
+import ctypes
+pool = Pool(Mode.WR, name='meta-fork')
+a = pool.alloc(64)
+addr = pool._metadata_address()
+before = ctypes.string_at(addr, 256)
+r, w = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    pool.protect(); pool.make_ro()          # the child's record changes
+    os.write(w, b'x')
+    os.read(r2, 1)
+    # the parent destroyed its pool meanwhile: not in the child's record
+    ok = pool.stats().areas >= 1 and bytes(a[:1]) == b'\\0'
+    os._exit(0 if ok else 3)
+os.read(r, 1)
+assert ctypes.string_at(addr, 256) == before    # nothing of the child's shows
+del a
+pool.destroy()
+os.write(w2, b'x')
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+print('OK')
+"""
+    )
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+class MetadataMachine(RuleBasedStateMachine):
+    """create/alloc/protect/rare_write/destroy; after each step every
+    metadata mapping is read-only and the pools are what the model says."""
+
+    def __init__(self):
+        super().__init__()
+        self.pools = []  # [pool, allocations, protected, destroyed]
+
+    @rule(mode=st.sampled_from([Mode.WR, Mode.RO, Mode.START_WR]))
+    def create(self, mode):
+        if len(self.pools) < 6:
+            self.pools.append([Pool(mode, name="meta-sm"), [], False, False])
+
+    @precondition(lambda self: self.pools)
+    @rule(i=st.integers(0, 5), size=st.integers(1, 5000))
+    def alloc(self, i, size):
+        entry = self.pools[i % len(self.pools)]
+        if entry[3]:
+            with pytest.raises(prmem.PoolDestroyedError):
+                entry[0].alloc(size)
+            return
+        entry[1].append(entry[0].alloc(size))
+
+    @precondition(lambda self: self.pools)
+    @rule(i=st.integers(0, 5))
+    def protect(self, i):
+        entry = self.pools[i % len(self.pools)]
+        if not entry[3]:
+            entry[0].protect()
+            entry[2] = True
+
+    @precondition(lambda self: self.pools)
+    @rule(i=st.integers(0, 5), data=st.binary(min_size=1, max_size=8))
+    def rare_write(self, i, data):
+        pool, allocs, _, destroyed = self.pools[i % len(self.pools)]
+        if destroyed or not allocs or pool.mode == Mode.RO:
+            return
+        a = allocs[-1]
+        n = min(len(data), a.size)
+        if a.state == prmem.State.WRITABLE:
+            a.write(data[:n])
+        else:
+            pool.rare_write(a, data[:n])
+        assert bytes(a[:n]) == data[:n]
+
+    @precondition(lambda self: self.pools)
+    @rule(i=st.integers(0, 5))
+    def destroy(self, i):
+        entry = self.pools[i % len(self.pools)]
+        if not entry[3]:
+            entry[1].clear()
+            entry[0].destroy()
+            entry[3] = True
+
+    @invariant()
+    def metadata_read_only(self):
+        maps = metadata_mappings()
+        assert maps and all(p == "r--s" for _, _, p in maps), maps
+        for pool, allocs, _, destroyed in self.pools:
+            addr = pool._metadata_address()
+            assert any(s <= addr < e for s, e, _ in maps)
+            if not destroyed:
+                assert pool.stats().allocations == len(allocs)
+
+    def teardown(self):
+        for pool, allocs, _, destroyed in self.pools:
+            allocs.clear()
+            if not destroyed:
+                pool.destroy()
+
+
+TestMetadataMachine = MetadataMachine.TestCase
+TestMetadataMachine.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
