@@ -62,7 +62,8 @@ import prmem
 
 from .. import peers
 from ..harness import (Budget, CpuLoadProbe, RunContext, batch_loop, child_env, gc_paused,
-                       minor_faults, perf_ns, ratio, read_sysctl, smaps_range, summarize)
+                       minor_faults, perf_ns, ratio, read_sysctl, smaps_range,
+                       summarize)
 from ..report import (fmt_num, fmt_ratio, fmt_target_value, md_table, save_figure,
                       targets_table)
 
@@ -504,13 +505,16 @@ def _with_ticker(write: Callable[[], Any], seconds: float, min_calls: int) -> Di
         th.join()
     ticks = count[0]
     wall = max(span[1] - span[0], 1)
-    return {"times": times, "stalls": stalls, "ran": ran, "ticks": ticks,
+    return {"times": times, "stalls": stalls, "ran": ran, "ticks": ticks, "wall_ns": wall,
             "stalled_share": sum(stalls) / wall, "ticks_per_s": ticks * 1e9 / wall}
 
 
 def _section_gil(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, Any]) -> None:
     solo_s = ctx.pick(0.05, 0.2)
-    tick_s = ctx.pick(0.15, 0.5)
+    slice_s = ctx.pick(0.08, 0.15)
+    min_slices = ctx.pick(3, 5)
+    max_slices = ctx.pick(8, 12)
+    need_valid = ctx.pick(2, 3)
     ctx.log(f"[{NAME}] rare writes of 8 B / 64 KiB / 1 MiB with a ticking thread ...")
     pool = prmem.Pool(prmem.Mode.WR, name="bench-gil")
     a = pool.alloc(MiB, align_order=12)
@@ -523,7 +527,7 @@ def _section_gil(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, An
          "protected WR pool; prmem releases the GIL from 64 KiB (PRMEM_RARE_WRITE_NOGIL)"),
         ("os_pwrite", "os.pwrite to a memfd (GIL released)", True,
          lambda d: lambda: os.pwrite(fd, d, 0),
-         "CPython releases the GIL around every os.pwrite"),
+         "CPython releases the GIL around every os.pwrite: the positive control"),
     ]
     try:
         cpw = _pydll_pwrite()
@@ -533,80 +537,116 @@ def _section_gil(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, An
     except (OSError, AttributeError) as exc:
         ctx.skip(NAME, "the GIL-holding pwrite control", str(exc))
     switch = sys.getswitchinterval()
-    attempts = ctx.pick(2, 3)
-    info["gil"] = {"switch_interval_s": switch, "stall_threshold_ns": STALL_NS,
-                   "sizes": list(GIL_SIZES), "released": {}, "control_ok": {},
-                   "attempts": {}}
-
-    def measure(size: int) -> List[Dict[str, Any]]:
-        data = bytes([0x5A]) * size
-        min_calls = 20 if size >= 64 * KiB else 1000
-        out = []
-        for key, label, is_peer, make, note in impls:
-            write = make(data)
-            try:
-                _writer_solo(write, 0.01, 10)  # warm-up
-                solo = _writer_solo(write, solo_s, min_calls)
-                t = _with_ticker(write, tick_s, min_calls)
-            except Exception as exc:
-                out.append(_row("gil", _size(size), key, label, [], is_peer, note,
-                                f"{type(exc).__name__}: {exc}", size_bytes=size))
-                continue
-            st = summarize(t["stalls"])
-            wt = summarize(t["times"])
-            out.append(_row(
-                "gil", _size(size), key, label, solo, is_peer, note, size_bytes=size,
-                with_ticker_median_ns=wt["median"], with_ticker_calls=wt["n"],
-                stalls=st["n"], stall_median_ns=st["median"] if st["n"] else 0.0,
-                stall_p99_ns=st["p99"] if st["n"] else 0.0,
-                stall_max_ns=st["max"] if st["n"] else 0.0,
-                ticker_ran_share=t["ran"] / max(wt["n"], 1),
-                ticker_stalled_share=t["stalled_share"],
-                ticker_per_s=t["ticks_per_s"]))
-        return out
-
+    gil: Dict[str, Any] = {"switch_interval_s": switch, "stall_threshold_ns": STALL_NS,
+                           "sizes": list(GIL_SIZES), "slice_s": slice_s,
+                           "min_slices": min_slices, "max_slices": max_slices,
+                           "need_valid_slices": need_valid, "released": {}, "slices": {}}
+    info["gil"] = gil
     try:
         with gc_paused():
             for size in GIL_SIZES:
-                for attempt in range(1, attempts + 1):
-                    size_rows = measure(size)
-                    verdict, control_ok = _gil_verdict(size_rows, size, switch)
-                    if control_ok is not False or size < 64 * KiB or attempt == attempts:
-                        break
-                    ctx.log(f"[{NAME}] {_size(size)}: os.pwrite (which releases the GIL) did "
-                            "not look released either (busy CPU?); measuring again")
-                rows.extend(size_rows)
-                info["gil"]["released"][_size(size)] = verdict
-                info["gil"]["control_ok"][_size(size)] = control_ok
-                info["gil"]["attempts"][_size(size)] = attempt
+                rows.extend(_gil_size(ctx, impls, size, solo_s, slice_s, min_slices,
+                                      max_slices, need_valid, switch, gil))
     finally:
         del a
         pool.destroy()
         os.close(fd)
 
 
-def _gil_verdict(size_rows: List[Dict[str, Any]], size: int,
-                 switch: float) -> Tuple[Optional[bool], Optional[bool]]:
-    """(GIL released by prmem's write, did the os.pwrite reference look
-    released).  A writer counts as releasing the GIL when the ticker's p99
-    stall is at most a quarter of the GIL-holding control's at the same size
-    (that control makes the ticker wait for forced switches); the verdict on
-    prmem is None (inconclusive) for sizes ≥ 64 KiB when os.pwrite, which
-    certainly releases it, does not pass the same test."""
-    by = {r["impl"]: r for r in size_rows if r["median_ns"] is not None}
-    held = by.get("pydll_pwrite")
-    ref_p99 = held["stall_p99_ns"] if held is not None and held["stalls"] else switch * 1e9
-    for r in size_rows:
-        r["stall_p99_over_write"] = ratio(r.get("stall_p99_ns"), r["median_ns"])
-        if r["impl"] in ("prmem", "os_pwrite") and r["median_ns"] is not None:
-            r["gil_released"] = bool(r["stall_p99_ns"] <= 0.25 * ref_p99)
-    p, pos = by.get("prmem"), by.get("os_pwrite")
-    control_ok = None if pos is None else pos["gil_released"]
-    if p is None:
-        return None, control_ok
-    if size >= 64 * KiB and control_ok is False:
-        return None, control_ok
-    return p["gil_released"], control_ok
+def _gil_size(ctx: RunContext, impls: List[Tuple[str, str, bool, Any, str]], size: int,
+              solo_s: float, slice_s: float, min_slices: int, max_slices: int,
+              need_valid: int, switch: float, gil: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Rows for one write size.  The ticker runs in short slices, the
+    writers one after the other in each slice (rotated), so load from
+    elsewhere that comes and goes hits all of them alike.  In each slice a
+    writer counts as releasing the GIL when the share of time the ticker
+    spent in long stalls (≥ half a switch interval: waits for a forced
+    switch) is ≤ ¼ of that share with the GIL-holding control in the same
+    slice.  From 64 KiB a slice only counts ("valid") when os.pwrite, which
+    does release the GIL, passes that test: when it does not, the ticker had
+    no free CPU and the slice says nothing.  A tie is no verdict."""
+    group = _size(size)
+    data = bytes([0x5A]) * size
+    min_calls = 20 if size >= 64 * KiB else 1000
+    writes = {key: make(data) for key, _l, _p, make, _n in impls}
+    solo: Dict[str, Any] = {}
+    errors: Dict[str, str] = {}
+    for key, write in writes.items():
+        try:
+            _writer_solo(write, 0.01, 10)  # warm-up
+            solo[key] = _writer_solo(write, solo_s, min_calls)
+        except Exception as exc:
+            errors[key] = f"{type(exc).__name__}: {exc}"
+    keys = [k for k in writes if k not in errors]
+    per: Dict[str, List[Dict[str, Any]]] = {k: [] for k in keys}
+    gated = size >= 64 * KiB and "os_pwrite" in keys
+    valid = passed = taken = 0
+    while keys and taken < max_slices:
+        order = keys[taken % len(keys):] + keys[:taken % len(keys)]
+        got = {}
+        for key in order:
+            try:
+                got[key] = _with_ticker(writes[key], slice_s, 3)
+            except Exception as exc:
+                errors[key] = f"{type(exc).__name__}: {exc}"
+        if any(k in errors for k in keys):
+            break
+        taken += 1
+        long_ns = switch * 1e9 / 2
+        for t in got.values():
+            t["long_share"] = sum(x for x in t["stalls"] if x >= long_ns) / t["wall_ns"]
+        held = got.get("pydll_pwrite")
+        ref = held["long_share"] if held is not None else 0.4
+        for key, t in got.items():
+            t["released"] = t["long_share"] <= 0.25 * ref
+            per[key].append(t)
+        if not gated or got["os_pwrite"]["released"]:
+            valid += 1
+            passed += bool(got["prmem"]["released"]) if "prmem" in got else 0
+        if (taken >= min_slices and (not gated or valid >= need_valid)
+                and passed * 2 != valid):
+            break
+    if gated and valid < need_valid and taken:
+        ctx.log(f"[{NAME}] {group}: os.pwrite looked GIL-bound in {taken - valid} of {taken} "
+                "slices (no free CPU for the ticker?)")
+    # a tie (or nothing counted) is no verdict
+    verdict = None if "prmem" not in per or passed * 2 == valid else passed * 2 > valid
+    gil["released"][group] = verdict
+    gil["slices"][group] = {"taken": taken, "valid": valid, "prmem_released": passed,
+                            "gated_by_os_pwrite": gated}
+    out = []
+    for key, label, is_peer, _make, note in impls:
+        if key in errors or not per.get(key):
+            out.append(_row("gil", group, key, label, solo.get(key, []), is_peer, note,
+                            errors.get(key, "no samples"), size_bytes=size))
+            continue
+        stalls = array("q")
+        times = array("q")
+        ran = 0
+        for t in per[key]:
+            stalls.extend(t["stalls"])
+            times.extend(t["times"])
+            ran += t["ran"]
+        st = summarize(stalls)
+        wt = summarize(times)
+        row = _row("gil", group, key, label, solo[key], is_peer, note, size_bytes=size,
+                   with_ticker_median_ns=wt["median"], with_ticker_calls=wt["n"],
+                   stalls=st["n"], stall_median_ns=st["median"] if st["n"] else 0.0,
+                   stall_p99_ns=st["p99"] if st["n"] else 0.0,
+                   stall_max_ns=st["max"] if st["n"] else 0.0,
+                   ticker_ran_share=ran / max(wt["n"], 1),
+                   ticker_stalled_share=summarize(
+                       [t["stalled_share"] for t in per[key]])["median"],
+                   long_stall_share=summarize([t["long_share"] for t in per[key]])["median"],
+                   slices_released=sum(bool(t["released"]) for t in per[key]),
+                   slices=len(per[key]))
+        row["stall_p99_over_write"] = ratio(row["stall_p99_ns"], row["median_ns"])
+        if key == "prmem":
+            row["gil_released"] = verdict
+        elif key == "os_pwrite":
+            row["gil_released"] = row["slices_released"] * 2 > row["slices"]
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------- 4. threads
@@ -646,8 +686,10 @@ def _throughput(stmt_loop: Callable[..., int], args_per_thread: List[List[Any]],
 
 
 def _section_threads(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, Any]) -> None:
-    rounds = ctx.pick(3, 5)
-    seconds = ctx.pick(0.08, 0.3)
+    # many short rounds: load from elsewhere that comes and goes then hits the
+    # 1- and 2-thread runs of a round alike (the ratio is taken per round)
+    rounds = ctx.pick(6, 10)
+    seconds = ctx.pick(0.04, 0.15)
     ctx.log(f"[{NAME}] 8-byte writes from 1 and 2 threads, {rounds} rounds ...")
     pools = [prmem.Pool(prmem.Mode.WR, name=f"bench-thread-{i}") for i in range(2)]
     allocs = [p.alloc(4096, align_order=12) for p in pools]
@@ -1023,9 +1065,10 @@ def _targets_and_ratios(rows: List[Dict[str, Any]], info: Dict[str, Any]
                 "the same pool vs ordinary anonymous private memory (what malloc'ed memory "
                 "is), the stricter reading of 'munmap (anonymous)'"),
         _target("GIL released for ≥ 64 KiB rare writes", gil_yes, "yes", gil_yes,
-                "at 64 KiB and 1 MiB the ticker's p99 stall is ≤ ¼ of the GIL-holding "
-                "control's (see the GIL table); '—' = inconclusive: os.pwrite, which "
-                "releases the GIL, did not pass that test either", unit="yesno"),
+                "at 64 KiB and 1 MiB the ticker spends ≤ ¼ of the time the GIL-holding "
+                "control makes it spend waiting for forced switches, in most slices where "
+                "os.pwrite passes the same test (see the GIL table); '—' = inconclusive",
+                unit="yesno"),
         _target("2 threads / 1 thread writes/s: prmem ratio / os.pwrite ratio", thr_cmp,
                 "≥ 0.8× (not clearly worse)", None if thr_cmp is None else thr_cmp >= 0.8,
                 f"prmem 2/1 = {fmt_ratio(thr.get('prmem'))}, os.pwrite pair 2/1 = "
@@ -1105,12 +1148,20 @@ def _notes(rows: List[Dict[str, Any]], info: Dict[str, Any], thp: Dict[str, Any]
             "the GIL released it gets in during the write and its stalls are the thread "
             "wake-up latency. A write shorter than that latency (64 KiB ≈ a few µs here) "
             "cannot show 'gap much smaller than the write', so the verdict compares with the "
-            "GIL-holding control at the same size: released if prmem's p99 stall is ≤ ¼ of "
-            "the control's. os.pwrite is the positive control: when it fails that test too "
-            "(the ticker had no CPU to run on), the size is measured again, up to "
-            f"{max(gil['attempts'].values() or [1])} time(s) here "
-            f"({', '.join(f'{k}: {v}' for k, v in gil['attempts'].items())}), and the verdict "
-            "stays inconclusive if it never passes. "
+            "GIL-holding control at the same size. The ticker runs in slices of "
+            f"{gil['slice_s'] * 1e3:.0f} ms, the three writers one after the other in each "
+            "(rotated); in a slice a writer counts as releasing the GIL if the share of time "
+            "the ticker spent in stalls ≥ half a switch interval (waits for a forced switch) "
+            "is ≤ ¼ of that share with the control (a time share, not the p99, so that one "
+            "stray interruption does not decide). From 64 KiB a slice counts only if "
+            "os.pwrite, which does release the GIL, passes too (otherwise the ticker had no "
+            f"free CPU); at least {gil['min_slices']} slices, more (up to "
+            f"{gil['max_slices']}) until {gil['need_valid_slices']} count and there is no tie. "
+            "prmem's verdict = released in the majority of the counted slices; '—' if none "
+            "counted or a tie. Slices "
+            "(taken/counted/prmem released): "
+            + ", ".join(f"{k} {v['taken']}/{v['valid']}/{v['prmem_released']}"
+                        for k, v in gil["slices"].items()) + ". "
             "'ticker ran' = share of writes during which the ticker advanced. "
             "'write ns' is the write alone (no ticker); 'with ticker' includes waiting to get "
             "the GIL back.")
@@ -1213,13 +1264,17 @@ def markdown(result: Dict[str, Any]) -> str:
         out += [md_table(
             ["size", "writer", "write µs (alone)", "write µs (with ticker)", "stalls",
              "stall median µs", "stall p99 µs", "stall max µs", "p99 stall / write",
-             "ticker ran during", "GIL released", "error"],
+             "ticker ran during", "time in stalls ≥ ½ switch", "slices passed",
+             "GIL released", "error"],
             [[r["group"], r["label"], _us(r["median_ns"]), _us(r.get("with_ticker_median_ns")),
               r.get("stalls"), _us(r.get("stall_median_ns")), _us(r.get("stall_p99_ns")),
               _us(r.get("stall_max_ns")), fmt_ratio(r.get("stall_p99_over_write")),
               "—" if r.get("ticker_ran_share") is None else f"{r['ticker_ran_share']:.1%}",
-              ("control" if r["impl"] == "pydll_pwrite" else "—") if "gil_released" not in r
-              else ("yes" if r["gil_released"] else "no"),
+              "—" if r.get("long_stall_share") is None else f"{r['long_stall_share']:.1%}",
+              "" if r.get("slices") is None or r["impl"] == "pydll_pwrite"
+              else f"{r['slices_released']}/{r['slices']}",
+              ("control" if r["impl"] == "pydll_pwrite" else "—")
+              if r.get("gil_released") is None else ("yes" if r["gil_released"] else "no"),
               r["error"] or ""] for r in gil]), ""]
 
     thr = _r(rows, "threads")
