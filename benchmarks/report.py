@@ -58,11 +58,20 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def fmt_target_value(target: Dict[str, Any]) -> str:
+    """A target's measured value: ns (unit "ns"), yes/no (unit "yesno"), else a ratio."""
+    value = target.get("value")
+    if target.get("unit") == "ns":
+        return fmt_num(value) + " ns"
+    if target.get("unit") == "yesno":
+        return "—" if value is None else ("yes" if value else "no")
+    return fmt_ratio(value)
+
+
 def targets_table(targets: List[Dict[str, Any]]) -> str:
     return md_table(
         ["ratio", "measured", "target", "met", "what it compares"],
-        [[t["name"],
-          fmt_num(t.get("value")) + " ns" if t.get("unit") == "ns" else fmt_ratio(t.get("value")),
+        [[t["name"], fmt_target_value(t),
           t["target"], "—" if t.get("met") is None else ("yes" if t["met"] else "NO"),
           t.get("description", "")] for t in targets])
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "frozen", "share", "access"]
+WORKLOADS = ["alloc", "rare_write", "protect", "read", "overhead", "frozen", "share",
+             "lifecycle", "access"]
 
 
 @pytest.mark.skipif(not (REPO / "benchmarks" / "__main__.py").is_file(),
@@ -53,3 +54,32 @@ def test_quick_benchmark_run_writes_report(tmp_path):
     own = [t for t in frozen["targets"]
            if "frozendict" not in t["name"] and "immutables" not in t["name"]]
     assert len(own) == 7 and all(t["value"] is not None for t in own), frozen["targets"]
+
+    # lifecycle: every section ran and produced its rows; no values judged
+    life = document["workloads"]["lifecycle"]
+    assert life["section_errors"] == {}, life["section_errors"]
+    assert all(r["error"] is None for r in life["rows"]), [
+        (r["section"], r["label"], r["error"]) for r in life["rows"] if r["error"]]
+    sections = {r["section"] for r in life["rows"]}
+    assert {"fork", "destroy", "gil", "threads", "protect_read", "floor"} <= sections, sections
+    fork_rows = {(r["group"], r["impl"]) for r in life["rows"] if r["section"] == "fork"}
+    for impl in ("nothing", "bytearray", "pool_writable", "pool_wr", "pool_ro"):
+        assert ("fork+exit", impl) in fork_rows, impl
+    for impl in ("bytearray", "pool_writable", "pool_wr"):
+        assert ("fork+first change", impl) in fork_rows, impl
+    assert all(life["info"]["fork"]["checks"].values()), life["info"]["fork"]["checks"]
+    assert life["thp"]["shmem_enabled"] is not None or not Path(
+        "/sys/kernel/mm/transparent_hugepage/shmem_enabled").exists()
+    by_name = {t["name"]: t for t in life["targets"]}
+    assert len(by_name) == 6, list(by_name)
+    # the GIL verdict may be inconclusive (None) on a busy machine; the C
+    # floor is missing only when the compiler was skipped with a message
+    for name, t in by_name.items():
+        if name.startswith("GIL"):
+            assert t["value"] in (True, False, None)
+        elif "C pwrite" in name:
+            assert t["value"] is not None or any(
+                "C pwrite floor" in s for s in document["skipped"]), t
+        else:
+            assert t["value"] is not None, t
+

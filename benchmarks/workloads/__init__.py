@@ -24,9 +24,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import access, alloc, frozen, overhead, protect, rare_write, read, share
+from . import access, alloc, frozen, lifecycle, overhead, protect, rare_write, read, share
 
 #: name -> module, in the order they run.
 WORKLOADS: Dict[str, ModuleType] = {
     mod.NAME: mod for mod in (alloc, rare_write, protect, read, overhead, frozen, share,
-                              access)}
+                              lifecycle, access)}
