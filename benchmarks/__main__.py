@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import SCHEMA_VERSION, peers
 from .harness import CpuLoadProbe, RunContext, busy_processes, machine_info
-from .report import text_table, try_import_pyplot, write_json, write_markdown
+from .report import (NOISY_LOAD, all_targets_markdown, text_table, try_import_pyplot,
+                     workload_markdown, write_json, write_markdown)
 from .workloads import WORKLOADS
 
 # Untracked (.gitignore): a run leaves a fresh clone clean.  The copy that
@@ -80,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.selected:
         module = WORKLOADS[name]
         t0 = time.perf_counter()
+        workload_probe = CpuLoadProbe()
         try:
             result = module.run(ctx)
         except Exception:
@@ -90,6 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         result["title"] = module.TITLE
         result["duration_s"] = time.perf_counter() - t0
+        result["other_cpu_load"] = workload_probe.other_load()
+        result["noisy"] = (result["other_cpu_load"] or 0) > NOISY_LOAD
         results[name] = result
         ctx.log(f"[{name}] done in {result['duration_s']:.1f} s")
 
@@ -111,12 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "workloads": results,
     }
 
-    sections = []
+    sections = [all_targets_markdown(results)]
     for name, result in results.items():
         if "error" in result and "rows" not in result:
             sections.append(f"## {result['title']}\n\nFAILED:\n\n```\n{result['error']}```\n")
         else:
-            sections.append(WORKLOADS[name].markdown(result))
+            sections.append(workload_markdown(WORKLOADS[name], result))
 
     plots: List[str] = []
     if not args.no_plots:

@@ -353,7 +353,20 @@ def machine_info() -> Dict[str, Any]:
             "/sys/devices/system/clocksource/clocksource0/current_clocksource"),
         "timer_overhead_ns": timer_overhead_ns(),
         "loadavg_at_start": _loadavg(),
+        "thp_enabled": _bracketed("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "thp_shmem_enabled": _bracketed("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
     }
+
+
+def _bracketed(path: str) -> Optional[str]:
+    """The selected word of a sysfs choice file ("always madvise [never]")."""
+    text = read_sysctl(path)
+    if text is None:
+        return None
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return text
 
 
 def _loadavg() -> Optional[List[float]]:

@@ -76,6 +76,41 @@ def targets_table(targets: List[Dict[str, Any]]) -> str:
           t.get("description", "")] for t in targets])
 
 
+#: A workload during which other processes used more than this fraction of
+#: the machine's CPU time is flagged as noisy in the reports.
+NOISY_LOAD = 0.10
+
+
+def noise_note(result: Dict[str, Any]) -> str:
+    """One line on how busy the machine was while a workload ran."""
+    load = result.get("other_cpu_load")
+    if load is None:
+        return "_Other processes' CPU use during this workload: unknown._"
+    text = f"Other processes used {load:.0%} of the machine's CPU time during this workload"
+    if load > NOISY_LOAD:
+        return f"**NOISY: {text.lower()[0]}{text[1:]}; its figures are less reliable.**"
+    return f"_{text}._"
+
+
+def workload_markdown(module: Any, result: Dict[str, Any]) -> str:
+    """A workload's section, with the noise line under its heading."""
+    text = module.markdown(result)
+    head, sep, rest = text.partition("\n")
+    return f"{head}\n\n{noise_note(result)}\n{rest}"
+
+
+def all_targets_markdown(results: Dict[str, Dict[str, Any]]) -> str:
+    """Every workload's targets in one table, noisy workloads flagged."""
+    rows = []
+    for name, result in results.items():
+        for t in result.get("targets") or []:
+            met = "—" if t.get("met") is None else ("yes" if t["met"] else "NO")
+            rows.append([name + (" (noisy)" if result.get("noisy") else ""), t["name"],
+                         fmt_target_value(t), t["target"], met])
+    return "## Targets\n\n" + md_table(["workload", "ratio", "measured", "target", "met"],
+                                         rows) + "\n"
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -114,6 +149,8 @@ def machine_markdown(machine: Dict[str, Any]) -> str:
         ("prmem_commit", "prmem commit"), ("prmem_features", "prmem features"),
         ("libsodium", "libsodium"), ("openssl", "OpenSSL"), ("page_size", "page size"),
         ("vm_max_map_count", "vm.max_map_count"), ("clocksource", "clocksource"),
+        ("thp_enabled", "transparent huge pages (anonymous memory)"),
+        ("thp_shmem_enabled", "transparent huge pages (shmem: memfd, pools)"),
         ("timer_overhead_ns", "clock read (ns, median)"),
         ("ctypes_call_ns", "one ctypes call (ns, median)"),
         ("loadavg_at_start", "load average at start"),

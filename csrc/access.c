@@ -128,3 +128,85 @@ prmem_pool_access_leave(PoolObject *self, PyObject *unused)
         return prmem_raise(&e);
     Py_RETURN_NONE;
 }
+
+/* ------------------------------------------------ `with pool.access():` */
+
+/* What Pool.access() returns: a small context manager in C, so that a
+ * round trip costs two method calls and the two mprotect()s, not Python
+ * frames.  Re-entrant and re-usable: each __enter__ holds access once. */
+typedef struct {
+    PyObject_HEAD
+    PoolObject *pool; /* strong reference */
+} AccessObject;
+
+static PyObject *
+Access_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)type, (void)args, (void)kwds;
+    PyErr_SetString(PyExc_TypeError, "use pool.access() to open a no-access pool");
+    return NULL;
+}
+
+static void
+Access_dealloc(AccessObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->pool);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Access_enter(AccessObject *self, PyObject *unused)
+{
+    PyObject *r = prmem_pool_access_enter(self->pool, unused);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_INCREF(self->pool);
+    return (PyObject *)self->pool;
+}
+
+static PyObject *
+Access_exit(AccessObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)args, (void)nargs;
+    return prmem_pool_access_leave(self->pool, NULL); /* None: exceptions propagate */
+}
+
+static PyMethodDef Access_methods[] = {
+    {"__enter__", (PyCFunction)Access_enter, METH_NOARGS, "Hold access; returns the pool."},
+    {"__exit__", (PyCFunction)(void (*)(void))Access_exit, METH_FASTCALL,
+     "Let go of access (the pages close when nothing else holds it)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Access_slots[] = {
+    {Py_tp_doc, "`with pool.access():` (see Pool.access)."},
+    {Py_tp_new, Access_new},
+    {Py_tp_dealloc, Access_dealloc},
+    {Py_tp_methods, Access_methods},
+    {0, NULL},
+};
+
+PRMEM_INTERNAL PyType_Spec prmem_access_spec = {
+    .name = "prmem._core.Access",
+    .basicsize = sizeof(AccessObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Access_slots,
+};
+
+PRMEM_INTERNAL PyObject *
+prmem_pool_access(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyTypeObject *tp = self->mstate != NULL ? self->mstate->AccessType : NULL;
+    if (tp == NULL)
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
+    AccessObject *a = PyObject_New(AccessObject, tp);
+    if (a == NULL)
+        return NULL;
+    Py_INCREF(self);
+    a->pool = self;
+    return (PyObject *)a;
+}

@@ -808,6 +808,15 @@ static PyMethodDef Pool_methods[] = {
     {"_metadata_address", (PyCFunction)prmem_pool_metadata_address, METH_NOARGS,
      "_metadata_address() -> int\n--\n\nTest-only: the address of this pool's record in prmem's "
      "write-rare metadata (read-only pages; a native write there faults)."},
+    {"access", (PyCFunction)prmem_pool_access, METH_NOARGS,
+     "access($self)\n--\n\nOpen a no-access pool's protected memory for reading, as a context "
+     "manager: `with pool.access(): ...`.  Inside the block reads work (bytes(a), a[i], "
+     "memoryviews, FrozenMap/FrozenList lookups, native code); outside it they raise "
+     "ProtectionError, and a native read dies with SIGSEGV and a fault report naming "
+     "no-access memory.  Blocks nest and count across threads: the pages become PROT_NONE "
+     "again when the last one is left.  A buffer view taken inside a block keeps the memory "
+     "readable until it is released.  Rare writes need no access().  On a pool that is not "
+     "no-access the block does nothing.  __enter__ returns the pool."},
     {"_access_enter", (PyCFunction)prmem_pool_access_enter, METH_NOARGS,
      "Hold access to a no-access pool's memory (Pool.access())."},
     {"_access_leave", (PyCFunction)prmem_pool_access_leave, METH_NOARGS,

@@ -189,7 +189,8 @@ module_exec(PyObject *module)
     if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
         add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0 ||
         add_type(module, &prmem_readonly_buffer_spec, &st->ReadOnlyBufferType,
-                 "ReadOnlyBuffer") < 0)
+                 "ReadOnlyBuffer") < 0 ||
+        add_type(module, &prmem_access_spec, &st->AccessType, "Access") < 0)
         return -1;
 
     st->PrmemError = new_exception(module, "prmem.PrmemError",
@@ -246,6 +247,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->PoolType);
     Py_VISIT(st->AllocationType);
     Py_VISIT(st->ReadOnlyBufferType);
+    Py_VISIT(st->AccessType);
     Py_VISIT(st->PrmemError);
     Py_VISIT(st->ProtectionError);
     Py_VISIT(st->PoolDestroyedError);
@@ -269,6 +271,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->PoolType);
     Py_CLEAR(st->AllocationType);
     Py_CLEAR(st->ReadOnlyBufferType);
+    Py_CLEAR(st->AccessType);
     Py_CLEAR(st->PrmemError);
     Py_CLEAR(st->ProtectionError);
     Py_CLEAR(st->PoolDestroyedError);

@@ -354,6 +354,7 @@ struct prmem_module_state {
     PyTypeObject *PoolType;
     PyTypeObject *AllocationType;
     PyTypeObject *ReadOnlyBufferType;
+    PyTypeObject *AccessType;       /* what Pool.access() returns */
     PyObject *PrmemError;
     PyObject *ProtectionError;
     PyObject *PoolDestroyedError;
@@ -505,6 +506,8 @@ PRMEM_INTERNAL int prmem_access_refuse_read(PoolObject *pool, const prmem_area *
                                             prmem_error *e);
 PRMEM_INTERNAL PyObject *prmem_pool_access_enter(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_access_leave(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_access(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL extern PyType_Spec prmem_access_spec;
 
 /* report.c: Pool._stats() and Pool._verify(). */
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);

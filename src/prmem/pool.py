@@ -241,23 +241,6 @@ class PoolStats:
         return d
 
 
-class Access:
-    """``with pool.access():`` — see :meth:`Pool.access`.  Re-usable and
-    re-entrant: each ``__enter__`` holds access once more."""
-
-    __slots__ = ("_pool",)
-
-    def __init__(self, pool: "Pool") -> None:
-        self._pool = pool
-
-    def __enter__(self) -> "Pool":
-        self._pool._access_enter()
-        return self._pool
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._pool._access_leave()
-
-
 class Pool(_core.Pool):
     """A protectable memory pool (the kernel's pmalloc pool).
 
@@ -335,25 +318,6 @@ class Pool(_core.Pool):
     def noaccess(self) -> bool:
         """True for a no-access pool (``Pool(noaccess=True)``)."""
         return bool(self._stats()["noaccess"])
-
-    def access(self) -> "Access":
-        """Open a no-access pool's protected memory for reading, as a
-        context manager::
-
-            with pool.access():
-                key = bytes(allocation)
-
-        Inside the block reads work (``bytes(a)``, ``a[i]``, memoryviews,
-        ``Pool.array()`` views, FrozenMap/FrozenList lookups, native code);
-        outside it they raise :class:`ProtectionError`, and a native read
-        dies with SIGSEGV and a fault report naming no-access memory.
-        Blocks nest and count across threads: the pages become
-        ``PROT_NONE`` again when the last one is left.  A buffer view taken
-        inside a block keeps the memory readable until it is released.
-        Rare writes need no access().  On a pool that is not no-access the
-        block does nothing.
-        """
-        return Access(self)
 
     @property
     def attached(self) -> bool:
