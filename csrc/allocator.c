@@ -65,6 +65,13 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
+    if (prmem_meta_frozen())
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s' cannot change in this forked child: the child "
+                          "could not get a file for prmem's metadata at fork() (%s), so the "
+                          "metadata is frozen here and its memory is a private read-only "
+                          "snapshot as of the fork; reads work, changes through prmem do not",
+                          pool->cname, strerror(prmem_meta_frozen()));
     if (pool->m->fork_errno)
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s' cannot change in this forked child: its memory "
@@ -73,6 +80,25 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
                           "changes through prmem do not",
                           pool->cname, strerror(pool->m->fork_errno));
     return 0;
+}
+
+/* With pool->lock held, after prmem_check_usable: the allocation's area
+ * index and range (ordinary memory, in the Allocation object) lie inside
+ * an area of this pool according to the protected area table. */
+PRMEM_INTERNAL int
+prmem_check_allocation(PoolObject *pool, const AllocationObject *a, prmem_error *e)
+{
+    if (a->area < pool->m->nareas) {
+        const prmem_area *ar = &pool->m->areas[a->area];
+        uintptr_t lo = (uintptr_t)ar->start, addr = (uintptr_t)a->addr;
+        if (addr >= lo && a->size <= ar->size && addr - lo <= ar->size - a->size)
+            return 0;
+    }
+    return prmem_fail(e, pool->mstate->ProtectionError,
+                      "prmem pool '%.200s': an allocation's address or area does not lie "
+                      "inside an area of this pool (prmem's protected area table); prmem "
+                      "refuses to write or read through it",
+                      pool->cname);
 }
 
 /*
@@ -84,15 +110,15 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 PRMEM_INTERNAL void
 prmem_sync_fault_registry(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!ch->registered && prmem_fault_register(pool, ch->base, ch->size) == 0)
-            ch->registered = 1;
+            META_SET(ch->registered, 1);
         if (ch->registered && ch->sealed && !ch->reported_sealed) {
             prmem_fault_sealed(ch->base, ch->size);
-            ch->reported_sealed = 1;
+            META_SET(ch->reported_sealed, 1);
             if (ch->size == 0)
-                ch->registered = 0; /* fault.c dropped the range: nothing is mapped */
+                META_SET(ch->registered, 0); /* fault.c dropped the range: nothing is mapped */
         }
     }
     if (pool->protect_event) {
@@ -105,15 +131,16 @@ prmem_sync_fault_registry(PoolObject *pool)
 static void
 forget_fault_ranges(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!ch->registered)
             continue;
         if (ch->msealed)
             prmem_fault_orphan(ch->base); /* still mapped and protected */
         else
             prmem_fault_unregister(ch->base);
-        ch->registered = 0;
+        if (!prmem_meta_frozen())
+            META_SET(ch->registered, 0);
     }
 }
 
@@ -231,7 +258,7 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     size_t align = (size_t)1 << align_order;
     char *addr = NULL;
     if (self->cur_area >= 0) {
-        prmem_area *a = &self->areas[self->cur_area];
+        const prmem_area *a = &self->m->areas[self->cur_area];
         uintptr_t p = (uintptr_t)a->start + self->cur_off;
         uintptr_t q = (p + align - 1) & ~(uintptr_t)(align - 1);
         uintptr_t end = (uintptr_t)a->start + a->size;
@@ -243,9 +270,9 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
         prmem_sync_fault_registry(self); /* also after a failure: AUTO modes */
         if (rc < 0)
             goto fail;
-        addr = self->areas[self->cur_area].start;
+        addr = self->m->areas[self->cur_area].start;
     }
-    prmem_area *area = &self->areas[self->cur_area];
+    const prmem_area *area = &self->m->areas[self->cur_area];
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
@@ -274,6 +301,8 @@ fail:
 
 /* ---------------------------------------------------------------- Pool */
 
+static prmem_module_state *state_from_type(PyTypeObject *type);
+
 static PyObject *
 Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -284,6 +313,18 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
     self->cur_area = -1;
+    if (prmem_meta_frozen()) {
+        Py_DECREF(self);
+        prmem_module_state *st = state_from_type(type);
+        if (st == NULL)
+            return NULL;
+        PyErr_Format(st->PrmemError,
+                     "prmem: no new pool can be created in this forked child: it could not "
+                     "get a metadata file of its own at fork() (%s), so prmem's metadata is "
+                     "frozen here (read-only, never changed)",
+                     strerror(prmem_meta_frozen()));
+        return NULL;
+    }
     prmem_pool_meta *m = prmem_meta_record_alloc();
     if (m == NULL) {
         Py_DECREF(self);
@@ -460,11 +501,13 @@ Pool_dealloc(PoolObject *self)
         prmem_pool_unshare_for_release(self);
         prmem_pool_release(self);
     }
-    else {
-        PyMem_RawFree(self->chunks);
-        PyMem_RawFree(self->areas);
+    else if (meta_ok && !prmem_meta_frozen()) {
+        prmem_meta_free((void *)self->m->chunks, self->m->chunks_cap * sizeof(prmem_chunk));
+        prmem_meta_free((void *)self->m->areas, self->m->areas_cap * sizeof(prmem_area));
     }
-    if (meta_ok)
+    PyMem_RawFree(self->area_wexports);
+    self->area_wexports = NULL;
+    if (meta_ok && !prmem_meta_frozen()) /* frozen: nothing may change (meta.c) */
         prmem_meta_record_free(self->m);
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->name);
