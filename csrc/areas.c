@@ -509,6 +509,13 @@ prmem_close_current_area(PoolObject *pool)
 PRMEM_INTERNAL int
 prmem_make_write_rare(PoolObject *pool, prmem_error *e)
 {
+    /* rare writes will go through these descriptors: they must still be
+     * the files recorded at creation (one fstat() per chunk) */
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
+        if (!ch->sealed && ch->fd >= 0 && prmem_check_backing(pool, ch, e) < 0)
+            return -1;
+    }
     size_t i = 0;
     while (i < pool->m->nareas) {
         if (pool->m->areas[i].state != PRMEM_WRITABLE) {

@@ -65,6 +65,32 @@ static int fork_fd = -1; /* the copy made for a child by fork_prepare */
 /* A file made ahead of time, so that a fork() in a process out of
  * descriptors still gives the child metadata of its own. */
 static int spare_fd = -1;
+static int new_file(void);
+static ino_t spare_ino; /* used only if the descriptor is still that file */
+
+static void
+new_spare(void)
+{
+    struct stat st;
+    spare_fd = new_file();
+    if (spare_fd >= 0 && fstat(spare_fd, &st) == 0)
+        spare_ino = st.st_ino;
+    else if (spare_fd >= 0) {
+        close(spare_fd);
+        spare_fd = -1;
+    }
+}
+
+static int
+take_spare(void)
+{
+    struct stat st;
+    int fd = spare_fd;
+    spare_fd = -1;
+    if (fd >= 0 && (fstat(fd, &st) < 0 || st.st_ino != spare_ino))
+        return -1; /* closed or replaced behind prmem's back: not ours */
+    return fd;
+}
 
 #define HDR ((const struct meta_header *)prmem_meta_base)
 
@@ -165,7 +191,7 @@ prmem_meta_init(void)
     madvise(base, RESERVE, MADV_DONTDUMP);
     prmem_meta_base = base;
     meta_fd = fd;
-    spare_fd = new_file();
+    new_spare();
     struct meta_header h;
     memset(&h, 0, sizeof(h));
     h.rec_top = RECORDS;
@@ -395,10 +421,8 @@ prmem_meta_fork_prepare(void)
         return;
     pthread_mutex_lock(&meta_lock);
     int fd = new_file();
-    if (fd < 0) {
-        fd = spare_fd;
-        spare_fd = -1;
-    }
+    if (fd < 0)
+        fd = take_spare();
     if (fd >= 0 && ftruncate(fd, (off_t)RESERVE) < 0) {
         close(fd);
         fd = -1;
@@ -424,7 +448,7 @@ prmem_meta_fork_parent(void)
         close(fork_fd);
     fork_fd = -1;
     if (spare_fd < 0)
-        spare_fd = new_file();
+        new_spare();
     pthread_mutex_unlock(&meta_lock);
 }
 
@@ -436,9 +460,9 @@ prmem_meta_fork_child(void)
         return;
     int fd = fork_fd;
     fork_fd = -1;
-    if (spare_fd >= 0)
-        close(spare_fd); /* the parent's */
-    spare_fd = -1;
+    int spare = take_spare();
+    if (spare >= 0)
+        close(spare); /* the parent's */
     if (fd >= 0) {
         if (mmap(prmem_meta_base, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE | MAP_FIXED,
                  fd, 0) == MAP_FAILED)
@@ -470,6 +494,7 @@ prmem_meta_fork_child(void)
     if (meta_fd >= 0)
         close(meta_fd);
     meta_fd = fd;
-    spare_fd = fd >= 0 ? new_file() : -1;
+    if (fd >= 0)
+        new_spare();
     pthread_mutex_unlock(&meta_lock);
 }

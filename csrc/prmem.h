@@ -516,6 +516,21 @@ PRMEM_INTERNAL int prmem_check_allocation(PoolObject *pool, const AllocationObje
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
 PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+PRMEM_INTERNAL void prmem_forget_fault_ranges(PoolObject *pool);
+/* lifecycle.c: protect/destroy methods of the Pool type */
+PRMEM_INTERNAL PyObject *prmem_pool_protect(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_finish_init(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_destroy_when_released(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_destroy(PoolObject *self, PyObject *unused);
+/* A method's entry check: the pool is initialised and its record checks out */
+#define REFUSE_UNINITIALISED(pool, rv)                         \
+    do {                                                       \
+        if (!prmem_pool_ready(pool)) {                               \
+            prmem_raise_uninitialised((PyObject *)(pool));     \
+            return rv;                                         \
+        }                                                      \
+    } while (0)
+
 
 /* access.c: no-access pools.  prmem_access_hold/release are called with
  * the pool lock held and no Python API; the methods take it themselves. */
@@ -530,6 +545,7 @@ PRMEM_INTERNAL PyObject *prmem_pool_access_leave(PoolObject *self, PyObject *unu
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_verify(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_metadata_address(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_metadata_tables(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,

@@ -118,3 +118,17 @@ prmem_pool_metadata_address(PoolObject *self, PyObject *unused)
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     return PyLong_FromVoidPtr(self->m);
 }
+
+/* Pool._metadata_tables(): (chunk table, area table) addresses, test-only
+ * like _metadata_address(). */
+PRMEM_INTERNAL PyObject *
+prmem_pool_metadata_tables(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!prmem_pool_meta_ok(self))
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
+    POOL_LOCK(self);
+    void *c = (void *)self->m->chunks, *a = (void *)self->m->areas;
+    POOL_UNLOCK(self);
+    return Py_BuildValue("(NN)", PyLong_FromVoidPtr(c), PyLong_FromVoidPtr(a));
+}
