@@ -32,6 +32,7 @@ setup(
                 "csrc/unshare.c",
                 "csrc/seal.c",
                 "csrc/allocator.c",
+                "csrc/lifecycle.c",
                 "csrc/allocation.c",
                 "csrc/access.c",
                 "csrc/report.c",

@@ -25,17 +25,17 @@ set_protected_areas(PoolObject *pool, int prot)
     if (!prmem_enforce)
         return 0;
     size_t i = 0;
-    while (i < pool->nareas) {
-        const prmem_area *a = &pool->areas[i];
+    while (i < pool->m->nareas) {
+        const prmem_area *a = &pool->m->areas[i];
         if (a->state == PRMEM_WRITABLE) {
             i++;
             continue;
         }
         char *end = a->start + a->size;
         size_t j = i + 1;
-        while (j < pool->nareas && pool->areas[j].state != PRMEM_WRITABLE &&
-               pool->areas[j].chunk == a->chunk && pool->areas[j].start == end) {
-            end += pool->areas[j].size;
+        while (j < pool->m->nareas && pool->m->areas[j].state != PRMEM_WRITABLE &&
+               pool->m->areas[j].chunk == a->chunk && pool->m->areas[j].start == end) {
+            end += pool->m->areas[j].size;
             j++;
         }
         if (mprotect(a->start, (size_t)(end - a->start), prot) < 0)
@@ -84,7 +84,7 @@ prmem_access_release(PoolObject *pool, prmem_error *e)
         return 0;
     if (--pool->access_count > 0)
         return 0;
-    if (pool->m->destroyed || pool->areas == NULL)
+    if (pool->m->destroyed || pool->m->areas == NULL)
         return 0;
     if (set_protected_areas(pool, PROT_NONE) < 0) {
         /* Cannot close (mprotect failed, e.g. out of memory for a VMA

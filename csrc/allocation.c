@@ -39,7 +39,8 @@ lock_live(AllocationObject *self, int change)
     PoolObject *pool = self->pool;
     prmem_error e;
     POOL_LOCK(pool);
-    if ((change ? prmem_check_changeable(pool, &e) : prmem_check_usable(pool, &e)) < 0) {
+    if ((change ? prmem_check_changeable(pool, &e) : prmem_check_usable(pool, &e)) < 0 ||
+        prmem_check_allocation(pool, self, &e) < 0) {
         POOL_UNLOCK(pool);
         return prmem_raise(&e);
     }
@@ -62,9 +63,9 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
     prmem_error e;
     POOL_LOCK(pool);
     int writable = 0;
-    if (prmem_check_usable(pool, &e) < 0)
+    if (prmem_check_usable(pool, &e) < 0 || prmem_check_allocation(pool, self, &e) < 0)
         goto fail;
-    prmem_area *area = &pool->areas[self->area];
+    const prmem_area *area = &pool->m->areas[self->area];
     /* a forked child's snapshot of a pool (fork_errno) is not changed
      * through new views: they are read-only */
     writable = area->state == PRMEM_WRITABLE && pool->m->fork_errno == 0;
@@ -83,7 +84,7 @@ Allocation_getbuffer(AllocationObject *self, Py_buffer *view, int flags)
         goto fail;
     pool->exports++;
     if (writable) {
-        area->wexports++;
+        pool->area_wexports[self->area]++;
         pool->wexports++;
     }
     POOL_UNLOCK(pool);
@@ -106,7 +107,7 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
     pool->exports--;
     intptr_t kind = (intptr_t)view->internal;
     if (kind & 1) {
-        pool->areas[self->area].wexports--;
+        pool->area_wexports[self->area]--;
         pool->wexports--;
     }
     if (kind & 2) {
@@ -176,7 +177,7 @@ Allocation_subscript(AllocationObject *self, PyObject *key)
         return NULL;
     }
     prmem_error e;
-    if (prmem_access_refuse_read(pool, &pool->areas[self->area], &e) < 0) {
+    if (prmem_access_refuse_read(pool, &pool->m->areas[self->area], &e) < 0) {
         POOL_UNLOCK(pool);
         Py_XDECREF(result);
         return prmem_raise(&e);
@@ -205,7 +206,7 @@ checked_store(AllocationObject *self, Py_ssize_t start, Py_ssize_t step, Py_ssiz
     PoolObject *pool = lock_live(self, 1);
     if (pool == NULL)
         return -1;
-    int state = pool->areas[self->area].state;
+    int state = pool->m->areas[self->area].state;
     if (state != PRMEM_WRITABLE) {
         prmem_error e;
         prmem_refuse_write(pool, state, &e);
@@ -384,7 +385,7 @@ Allocation_get_state(AllocationObject *self, void *closure)
     PoolObject *pool = lock_live(self, 0);
     if (pool == NULL)
         return NULL;
-    int state = pool->areas[self->area].state;
+    int state = pool->m->areas[self->area].state;
     POOL_UNLOCK(pool);
     PyObject *members = pool->mstate->state_members;
     if (members != NULL && PyTuple_GET_SIZE(members) == PRMEM_NSTATES) {
@@ -409,7 +410,7 @@ Allocation_repr(AllocationObject *self)
     PoolObject *pool = self->pool;
     POOL_LOCK(pool);
     int dead = pool->m->destroyed;
-    int state = dead ? 0 : pool->areas[self->area].state;
+    int state = dead ? 0 : pool->m->areas[self->area].state;
     POOL_UNLOCK(pool);
     /* pool->name is an exact str: formatting it runs no user code (and the
      * lock is released) */
@@ -546,7 +547,12 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
      * Allocation_getbuffer); on WRITABLE memory it holds protect() back
      * like a writable view, or protect() would take the pages away under
      * it (other pools let protect() go on: their pages stay readable). */
-    prmem_area *area = &pool->areas[a->area];
+    if (prmem_check_allocation(pool, a, &e) < 0) {
+        POOL_UNLOCK(pool);
+        prmem_raise(&e);
+        return -1;
+    }
+    const prmem_area *area = &pool->m->areas[a->area];
     int holds_access = pool->m->noaccess && area->state != PRMEM_WRITABLE;
     int holds_protect = pool->m->noaccess && area->state == PRMEM_WRITABLE;
     if (holds_access && prmem_access_hold(pool, 0, &e) < 0) {
@@ -556,7 +562,7 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
     }
     pool->exports++;
     if (holds_protect) {
-        area->wexports++;
+        pool->area_wexports[a->area]++;
         pool->wexports++;
     }
     POOL_UNLOCK(pool);
@@ -572,7 +578,7 @@ ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
     POOL_LOCK(pool);
     pool->exports--;
     if ((intptr_t)view->internal & 1) {
-        pool->areas[self->alloc->area].wexports--;
+        pool->area_wexports[self->alloc->area]--;
         pool->wexports--;
     }
     if ((intptr_t)view->internal & 2) {

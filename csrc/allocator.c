@@ -28,13 +28,6 @@ prmem_raise_uninitialised(PyObject *pool)
     return -1;
 }
 
-#define REFUSE_UNINITIALISED(pool, rv)                         \
-    do {                                                       \
-        if (!prmem_pool_ready(pool)) {                               \
-            prmem_raise_uninitialised((PyObject *)(pool));     \
-            return rv;                                         \
-        }                                                      \
-    } while (0)
 
 /* With pool->lock held: refuse pools that are destroyed or unusable. */
 PRMEM_INTERNAL int
@@ -65,6 +58,13 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
+    if (prmem_meta_frozen())
+        return prmem_fail(e, pool->mstate->PrmemError,
+                          "prmem pool '%.200s' cannot change in this forked child: the child "
+                          "could not get a file for prmem's metadata at fork() (%s), so the "
+                          "metadata is frozen here and its memory is a private read-only "
+                          "snapshot as of the fork; reads work, changes through prmem do not",
+                          pool->cname, strerror(prmem_meta_frozen()));
     if (pool->m->fork_errno)
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s' cannot change in this forked child: its memory "
@@ -73,6 +73,25 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
                           "changes through prmem do not",
                           pool->cname, strerror(pool->m->fork_errno));
     return 0;
+}
+
+/* With pool->lock held, after prmem_check_usable: the allocation's area
+ * index and range (ordinary memory, in the Allocation object) lie inside
+ * an area of this pool according to the protected area table. */
+PRMEM_INTERNAL int
+prmem_check_allocation(PoolObject *pool, const AllocationObject *a, prmem_error *e)
+{
+    if (a->area < pool->m->nareas) {
+        const prmem_area *ar = &pool->m->areas[a->area];
+        uintptr_t lo = (uintptr_t)ar->start, addr = (uintptr_t)a->addr;
+        if (addr >= lo && a->size <= ar->size && addr - lo <= ar->size - a->size)
+            return 0;
+    }
+    return prmem_fail(e, pool->mstate->ProtectionError,
+                      "prmem pool '%.200s': an allocation's address or area does not lie "
+                      "inside an area of this pool (prmem's protected area table); prmem "
+                      "refuses to write or read through it",
+                      pool->cname);
 }
 
 /*
@@ -84,15 +103,15 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 PRMEM_INTERNAL void
 prmem_sync_fault_registry(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!ch->registered && prmem_fault_register(pool, ch->base, ch->size) == 0)
-            ch->registered = 1;
+            META_SET(ch->registered, 1);
         if (ch->registered && ch->sealed && !ch->reported_sealed) {
             prmem_fault_sealed(ch->base, ch->size);
-            ch->reported_sealed = 1;
+            META_SET(ch->reported_sealed, 1);
             if (ch->size == 0)
-                ch->registered = 0; /* fault.c dropped the range: nothing is mapped */
+                META_SET(ch->registered, 0); /* fault.c dropped the range: nothing is mapped */
         }
     }
     if (pool->protect_event) {
@@ -102,18 +121,19 @@ prmem_sync_fault_registry(PoolObject *pool)
 }
 
 /* Tell the fault report the pool's ranges are going away (destroy). */
-static void
-forget_fault_ranges(PoolObject *pool)
+PRMEM_INTERNAL void
+prmem_forget_fault_ranges(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!ch->registered)
             continue;
         if (ch->msealed)
             prmem_fault_orphan(ch->base); /* still mapped and protected */
         else
             prmem_fault_unregister(ch->base);
-        ch->registered = 0;
+        if (!prmem_meta_frozen())
+            META_SET(ch->registered, 0);
     }
 }
 
@@ -231,7 +251,7 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     size_t align = (size_t)1 << align_order;
     char *addr = NULL;
     if (self->cur_area >= 0) {
-        prmem_area *a = &self->areas[self->cur_area];
+        const prmem_area *a = &self->m->areas[self->cur_area];
         uintptr_t p = (uintptr_t)a->start + self->cur_off;
         uintptr_t q = (p + align - 1) & ~(uintptr_t)(align - 1);
         uintptr_t end = (uintptr_t)a->start + a->size;
@@ -243,9 +263,9 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
         prmem_sync_fault_registry(self); /* also after a failure: AUTO modes */
         if (rc < 0)
             goto fail;
-        addr = self->areas[self->cur_area].start;
+        addr = self->m->areas[self->cur_area].start;
     }
-    prmem_area *area = &self->areas[self->cur_area];
+    const prmem_area *area = &self->m->areas[self->cur_area];
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
@@ -274,6 +294,8 @@ fail:
 
 /* ---------------------------------------------------------------- Pool */
 
+static prmem_module_state *state_from_type(PyTypeObject *type);
+
 static PyObject *
 Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -284,6 +306,18 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
     self->cur_area = -1;
+    if (prmem_meta_frozen()) {
+        Py_DECREF(self);
+        prmem_module_state *st = state_from_type(type);
+        if (st == NULL)
+            return NULL;
+        PyErr_Format(st->PrmemError,
+                     "prmem: no new pool can be created in this forked child: it could not "
+                     "get a metadata file of its own at fork() (%s), so prmem's metadata is "
+                     "frozen here (read-only, never changed)",
+                     strerror(prmem_meta_frozen()));
+        return NULL;
+    }
     prmem_pool_meta *m = prmem_meta_record_alloc();
     if (m == NULL) {
         Py_DECREF(self);
@@ -456,15 +490,17 @@ Pool_dealloc(PoolObject *self)
      * cannot be trusted to say what to unmap. */
     int meta_ok = prmem_pool_meta_ok(self);
     if (meta_ok && self->m->ready && !self->m->destroyed) {
-        forget_fault_ranges(self);
+        prmem_forget_fault_ranges(self);
         prmem_pool_unshare_for_release(self);
         prmem_pool_release(self);
     }
-    else {
-        PyMem_RawFree(self->chunks);
-        PyMem_RawFree(self->areas);
+    else if (meta_ok && !prmem_meta_frozen()) {
+        prmem_meta_free((void *)self->m->chunks, self->m->chunks_cap * sizeof(prmem_chunk));
+        prmem_meta_free((void *)self->m->areas, self->m->areas_cap * sizeof(prmem_area));
     }
-    if (meta_ok)
+    PyMem_RawFree(self->area_wexports);
+    self->area_wexports = NULL;
+    if (meta_ok && !prmem_meta_frozen()) /* frozen: nothing may change (meta.c) */
         prmem_meta_record_free(self->m);
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->name);
@@ -564,175 +600,6 @@ Pool_strdup(PoolObject *self, PyObject *data)
     return result;
 }
 
-/* With the lock held: protect every area per the mode. */
-static int
-protect_locked(PoolObject *self, prmem_error *e)
-{
-    if (prmem_check_changeable(self, e) < 0)
-        return -1;
-    if (self->wexports > 0)
-        return prmem_fail(e, PyExc_BufferError,
-                          "cannot protect pool '%.200s': %zd writable buffer view(s) of its "
-                          "memory are still alive; release them first",
-                          self->cname, self->wexports);
-    int rc;
-    if (self->m->mode == PRMEM_MODE_RO || self->m->mode == PRMEM_MODE_AUTO_RO)
-        rc = prmem_seal_all(self, e);
-    else
-        rc = prmem_make_write_rare(self, e);
-    prmem_sync_fault_registry(self);
-    return rc;
-}
-
-static PyObject *
-Pool_protect(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    prmem_error e;
-    POOL_LOCK(self);
-    int rc = protect_locked(self, &e);
-    POOL_UNLOCK(self);
-    prmem_fault_sync();
-    if (rc < 0)
-        return prmem_raise(&e);
-    Py_RETURN_NONE;
-}
-
-/* Sections only: protect per the mode and refuse allocations from now on.
- * Returns True the first time, False when already closed. */
-static PyObject *
-Pool_finish_init(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    prmem_error e;
-    POOL_LOCK(self);
-    int rc = 0, done = self->m->closed;
-    if (!self->m->section)
-        rc = prmem_fail(&e, PyExc_TypeError, "only after-init sections can finish init");
-    else if (!done) {
-        rc = protect_locked(self, &e);
-        if (rc == 0)
-            META_SET(self->m->closed, 1);
-    }
-    POOL_UNLOCK(self);
-    prmem_fault_sync();
-    if (rc < 0)
-        return prmem_raise(&e);
-    return PyBool_FromLong(!done);
-}
-
-static void warn_sealed_leftovers(void);
-
-/* With the lock held: give the memory back, for good. */
-static void
-release_locked(PoolObject *self)
-{
-    forget_fault_ranges(self);
-    prmem_pool_unshare_for_release(self);
-    prmem_pool_release(self);
-    META_SET(self->m->destroyed, 1);
-    META_SET(self->m->destroy_pending, 0);
-}
-
-/* With the lock held, after a view or a handle went away: a pool whose
- * destruction was deferred (Pool._destroy_when_released) goes with its
- * last one. */
-PRMEM_INTERNAL void
-prmem_release_if_pending(PoolObject *pool)
-{
-    if (pool->m->destroy_pending && pool->exports == 0 && pool->pins == 0 && !pool->m->destroyed)
-        release_locked(pool);
-}
-
-/* _destroy_when_released() -> bool: destroy now if nothing refers to the
- * memory (True), else as soon as the last view or handle goes (False). */
-static PyObject *
-Pool_destroy_when_released(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    prmem_error e;
-    POOL_LOCK(self);
-    int now = 0, rc = 0;
-    if (self->m->section)
-        rc = prmem_fail(&e, self->mstate->ProtectionError,
-                        "%.200s cannot be destroyed: after-init sections live as long as the "
-                        "process", self->cname);
-    else if (!self->m->destroyed) {
-        META_SET(self->m->destroy_pending, 1);
-        prmem_release_if_pending(self);
-        now = self->m->destroyed;
-    }
-    else
-        now = 1;
-    POOL_UNLOCK(self);
-    if (rc < 0)
-        return prmem_raise(&e);
-    if (now)
-        warn_sealed_leftovers();
-    return PyBool_FromLong(now);
-}
-
-/* seal=True memory of destroyed pools stays mapped and resident until the
- * process exits (mseal()ed ranges cannot be unmapped).  Say so once the
- * process has left PRMEM_SEALED_LEFTOVER_WARN such chunks behind, and again
- * at each doubling: each keeps at least one mapping (vm.max_map_count) and
- * its memory. */
-#define PRMEM_SEALED_LEFTOVER_WARN 1000
-static size_t next_leftover_warning = PRMEM_SEALED_LEFTOVER_WARN;
-
-static void
-warn_sealed_leftovers(void)
-{
-    size_t chunks, bytes;
-    prmem_sealed_leftovers(&chunks, &bytes);
-    if (chunks < next_leftover_warning)
-        return;
-    next_leftover_warning = chunks * 2;
-    if (PyErr_WarnFormat(PyExc_ResourceWarning, 1,
-                         "prmem: %zu chunks (%zu bytes) of destroyed seal=True pools stay "
-                         "mapped and in memory until the process exits: mseal()ed memory can "
-                         "never be unmapped. Use seal=True for data that lives as long as the "
-                         "process, and replace_pool() without seal for data that is rebuilt",
-                         chunks, bytes) < 0)
-        PyErr_WriteUnraisable(NULL);
-}
-
-static PyObject *
-Pool_destroy(PoolObject *self, PyObject *unused)
-{
-    (void)unused;
-    REFUSE_UNINITIALISED(self, NULL);
-    prmem_error e;
-    POOL_LOCK(self);
-    if (self->m->destroyed) {
-        POOL_UNLOCK(self); /* destroying twice is a no-op */
-        Py_RETURN_NONE;
-    }
-    if (self->m->section) {
-        prmem_fail(&e, self->mstate->ProtectionError,
-                   "%.200s cannot be destroyed: after-init sections live as long as the "
-                   "process", self->cname);
-        goto fail;
-    }
-    if (self->exports > 0 || self->pins > 0) {
-        prmem_fail(&e, PyExc_BufferError,
-                   "cannot destroy pool '%.200s': %zd buffer view(s) or array(s) and %zd "
-                   "frozen container(s) of its memory are still alive; release them "
-                   "first (del them, or leave the `with memoryview(...)` block)",
-                   self->cname, self->exports, self->pins);
-        goto fail;
-    }
-    release_locked(self);
-    POOL_UNLOCK(self);
-    warn_sealed_leftovers();
-    Py_RETURN_NONE;
-fail:
-    POOL_UNLOCK(self);
-    return prmem_raise(&e);
-}
 
 static PyObject *
 Pool_get_name(PoolObject *self, void *closure)
@@ -794,13 +661,13 @@ static PyMethodDef Pool_methods[] = {
      "NUL-terminated copy of bytes-like data, or of a str encoded as UTF-8.\n"
      "Embedded NUL bytes raise ValueError.  In START_WR pools the copy is\n"
      "written without the memory ever being mapped writable."},
-    {"protect", (PyCFunction)Pool_protect, METH_NOARGS,
+    {"protect", (PyCFunction)prmem_pool_protect, METH_NOARGS,
      "protect() -> None\n\n"
      "Write-protect every area per the pool's mode (pmalloc_protect_pool):\n"
      "RO/AUTO_RO areas become READ_ONLY (sealed), WR/AUTO_WR/START_WR areas\n"
      "WRITE_RARE.  The unused rest of the current area is lost.  Raises\n"
      "BufferError while writable buffer views of the pool are alive."},
-    {"destroy", (PyCFunction)Pool_destroy, METH_NOARGS,
+    {"destroy", (PyCFunction)prmem_pool_destroy, METH_NOARGS,
      "destroy() -> None\n\n"
      "Zero what can still be written and return every page to the system.\n"
      "Raises BufferError while buffer views are alive; a second call is a no-op."},
@@ -817,17 +684,20 @@ static PyMethodDef Pool_methods[] = {
      "again when the last one is left.  A buffer view taken inside a block keeps the memory "
      "readable until it is released.  Rare writes need no access().  On a pool that is not "
      "no-access the block does nothing.  __enter__ returns the pool."},
+    {"_metadata_tables", (PyCFunction)prmem_pool_metadata_tables, METH_NOARGS,
+     "_metadata_tables() -> tuple[int, int]\n--\n\nTest-only: the addresses of this pool's "
+     "chunk and area tables in prmem's write-rare metadata (0 if it has none)."},
     {"_access_enter", (PyCFunction)prmem_pool_access_enter, METH_NOARGS,
      "Hold access to a no-access pool's memory (Pool.access())."},
     {"_access_leave", (PyCFunction)prmem_pool_access_leave, METH_NOARGS,
      "Let go of access; the memory is PROT_NONE again when nothing holds it."},
-    {"_destroy_when_released", (PyCFunction)Pool_destroy_when_released, METH_NOARGS,
+    {"_destroy_when_released", (PyCFunction)prmem_pool_destroy_when_released, METH_NOARGS,
      "Destroy now, or as soon as the last buffer view and frozen handle go."},
     {"_alloc_init", (PyCFunction)Pool_alloc_init, METH_VARARGS,
      "_alloc_init(data, align_order) -> Allocation holding a copy of data."},
     {"_verify", (PyCFunction)prmem_pool_verify, METH_NOARGS,
      "Findings of the mapping check behind Pool.verify()."},
-    {"_finish_init", (PyCFunction)Pool_finish_init, METH_NOARGS,
+    {"_finish_init", (PyCFunction)prmem_pool_finish_init, METH_NOARGS,
      "Sections: protect and close to allocations (prmem.mark_init_done())."},
     {"rare_write", (PyCFunction)(void (*)(void))prmem_pool_rare_write,
      METH_FASTCALL | METH_KEYWORDS,

@@ -271,9 +271,9 @@ grow_array(void **array, size_t *cap, size_t count, size_t item_size, prmem_erro
 static int
 chunk_new(PoolObject *pool, size_t size, prmem_error *e)
 {
-    if (grow_array((void **)&pool->chunks, &pool->chunks_cap, pool->nchunks,
-                   sizeof(prmem_chunk), e) < 0)
-        return -1;
+    if (prmem_meta_grow((const void *const *)&pool->m->chunks, &pool->m->chunks_cap,
+                        pool->m->nchunks, sizeof(prmem_chunk)) < 0)
+        return prmem_fail(e, PyExc_MemoryError, "prmem: out of metadata memory for pool tables");
     if (size > (size_t)LLONG_MAX)
         return fail_nomemory(pool, e, size, "ftruncate", EFBIG);
 
@@ -354,14 +354,16 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
     }
     if (pool->m->dontdump && !pool->m->noaccess)
         madvise(base, size, MADV_DONTDUMP); /* no-access pools: per area, below */
-    prmem_chunk *ch = &pool->chunks[pool->nchunks++];
-    memset(ch, 0, sizeof(*ch));
-    ch->base = base;
-    ch->size = size;
-    ch->fd = fd;
-    ch->kind = kind;
-    ch->dev = st.st_dev;
-    ch->ino = st.st_ino;
+    prmem_chunk ch;
+    memset(&ch, 0, sizeof(ch));
+    ch.base = base;
+    ch.size = size;
+    ch.fd = fd;
+    ch.kind = kind;
+    ch.dev = st.st_dev;
+    ch.ino = st.st_ino;
+    META_SET(pool->m->chunks[pool->m->nchunks], ch);
+    META_SET(pool->m->nchunks, pool->m->nchunks + 1);
     return 0;
 }
 
@@ -411,23 +413,26 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
 
     Py_ssize_t prev = pool->cur_area;
     int auto_mode = pool->m->mode == PRMEM_MODE_AUTO_RO || pool->m->mode == PRMEM_MODE_AUTO_WR;
-    if (auto_mode && prev >= 0 && pool->areas[prev].wexports > 0)
+    if (auto_mode && prev >= 0 && pool->area_wexports[prev] > 0)
         return prmem_fail(e, PyExc_BufferError,
                           "prmem pool '%.200s': this allocation would auto-protect the "
                           "current area, but %zd writable buffer view(s) of it are "
                           "still alive; release them first",
-                          pool->cname, pool->areas[prev].wexports);
-    if (grow_array((void **)&pool->areas, &pool->areas_cap, pool->nareas,
-                   sizeof(prmem_area), e) < 0)
+                          pool->cname, pool->area_wexports[prev]);
+    if (prmem_meta_grow((const void *const *)&pool->m->areas, &pool->m->areas_cap,
+                        pool->m->nareas, sizeof(prmem_area)) < 0)
+        return prmem_fail(e, PyExc_MemoryError, "prmem: out of metadata memory for pool tables");
+    if (grow_array((void **)&pool->area_wexports, &pool->area_wexports_cap, pool->m->nareas,
+                   sizeof(Py_ssize_t), e) < 0)
         return -1;
-    if (pool->nareas >= UINT32_MAX)
+    if (pool->m->nareas >= UINT32_MAX)
         return prmem_fail(e, PyExc_MemoryError, "prmem pool '%.200s' has too many areas",
                           pool->cname);
 
     /* Carve from the last chunk while it has room and is not sealed (a
      * sealed memfd can never be mapped writable again) nor shared with a
      * fork()ed process (a new area there would be seen by both). */
-    prmem_chunk *ch = pool->nchunks ? &pool->chunks[pool->nchunks - 1] : NULL;
+    const prmem_chunk *ch = pool->m->nchunks ? &pool->m->chunks[pool->m->nchunks - 1] : NULL;
     if (ch == NULL || ch->sealed || prmem_chunk_is_shared(ch) || ch->size - ch->used < area_size) {
         size_t chunk_size = area_size;
         if (chunk_size < pool->m->next_chunk_size && !pool->m->secret)
@@ -436,7 +441,7 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
             return -1;
         if (pool->m->next_chunk_size < PRMEM_MAX_CHUNK_SIZE)
             META_SET(pool->m->next_chunk_size, pool->m->next_chunk_size * 2);
-        ch = &pool->chunks[pool->nchunks - 1];
+        ch = &pool->m->chunks[pool->m->nchunks - 1];
     }
 
     char *start = ch->base + ch->used;
@@ -458,15 +463,17 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
         madvise(start, area_size, MADV_DONTDUMP); /* see prmem_advise() */
     if (area_size >= PRMEM_HUGE_AREA)
         madvise(start, area_size, MADV_HUGEPAGE);
-    ch->used += area_size;
-    prmem_area *area = &pool->areas[pool->nareas];
-    area->start = start;
-    area->size = area_size;
-    area->chunk = (uint32_t)(ch - pool->chunks);
-    area->state = (uint8_t)state;
-    area->wexports = 0;
-    pool->nareas++;
-    pool->cur_area = (Py_ssize_t)(pool->nareas - 1);
+    META_SET(ch->used, ch->used + area_size);
+    prmem_area area;
+    memset(&area, 0, sizeof(area));
+    area.start = start;
+    area.size = area_size;
+    area.chunk = (uint32_t)(ch - pool->m->chunks);
+    area.state = (uint8_t)state;
+    META_SET(pool->m->areas[pool->m->nareas], area);
+    pool->area_wexports[pool->m->nareas] = 0;
+    META_SET(pool->m->nareas, pool->m->nareas + 1);
+    pool->cur_area = (Py_ssize_t)(pool->m->nareas - 1);
     pool->cur_off = 0;
     if (state != PRMEM_WRITABLE)
         pool->protect_event = 1;
@@ -475,11 +482,12 @@ prmem_area_open(PoolObject *pool, size_t need, prmem_error *e)
      * area is READ_ONLY for the MMU at once; the seal that makes it
      * permanent covers the whole chunk, so it comes with protect(). */
     if (auto_mode && prev >= 0) {
-        prmem_area *old = &pool->areas[prev];
+        const prmem_area *old = &pool->m->areas[prev];
         if (old->state == PRMEM_WRITABLE) {
             if (prmem_protect_range(old->start, old->size, prmem_protected_prot(pool)) < 0)
                 return prmem_fail_os(e, "mprotect", errno);
-            old->state = pool->m->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY : PRMEM_WRITE_RARE;
+            META_SET(old->state, (uint8_t)(pool->m->mode == PRMEM_MODE_AUTO_RO ? PRMEM_READ_ONLY
+                                                                                : PRMEM_WRITE_RARE));
             pool->protect_event = 1;
         }
     }
@@ -490,7 +498,7 @@ PRMEM_INTERNAL void
 prmem_close_current_area(PoolObject *pool)
 {
     if (pool->cur_area >= 0) {
-        pool->bytes_lost += pool->areas[pool->cur_area].size - pool->cur_off;
+        pool->bytes_lost += pool->m->areas[pool->cur_area].size - pool->cur_off;
         pool->cur_area = -1;
         pool->cur_off = 0;
     }
@@ -501,24 +509,31 @@ prmem_close_current_area(PoolObject *pool)
 PRMEM_INTERNAL int
 prmem_make_write_rare(PoolObject *pool, prmem_error *e)
 {
+    /* rare writes will go through these descriptors: they must still be
+     * the files recorded at creation (one fstat() per chunk) */
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
+        if (!ch->sealed && ch->fd >= 0 && prmem_check_backing(pool, ch, e) < 0)
+            return -1;
+    }
     size_t i = 0;
-    while (i < pool->nareas) {
-        if (pool->areas[i].state != PRMEM_WRITABLE) {
+    while (i < pool->m->nareas) {
+        if (pool->m->areas[i].state != PRMEM_WRITABLE) {
             i++;
             continue;
         }
         size_t j = i + 1;
-        char *end = pool->areas[i].start + pool->areas[i].size;
-        while (j < pool->nareas && pool->areas[j].state == PRMEM_WRITABLE &&
-               pool->areas[j].chunk == pool->areas[i].chunk && pool->areas[j].start == end) {
-            end += pool->areas[j].size;
+        char *end = pool->m->areas[i].start + pool->m->areas[i].size;
+        while (j < pool->m->nareas && pool->m->areas[j].state == PRMEM_WRITABLE &&
+               pool->m->areas[j].chunk == pool->m->areas[i].chunk && pool->m->areas[j].start == end) {
+            end += pool->m->areas[j].size;
             j++;
         }
-        if (prmem_protect_range(pool->areas[i].start, (size_t)(end - pool->areas[i].start),
+        if (prmem_protect_range(pool->m->areas[i].start, (size_t)(end - pool->m->areas[i].start),
                                 prmem_protected_prot(pool)) < 0)
             return prmem_fail_os(e, "mprotect", errno);
         for (size_t k = i; k < j; k++)
-            pool->areas[k].state = PRMEM_WRITE_RARE;
+            META_SET(pool->m->areas[k].state, (uint8_t)PRMEM_WRITE_RARE);
         pool->protect_event = 1;
         i = j;
     }
@@ -580,10 +595,27 @@ PRMEM_INTERNAL int
 prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void *src,
                  size_t n, int fill_byte, prmem_error *e)
 {
-    const prmem_chunk *ch = &pool->chunks[area->chunk];
+    if (area->chunk >= pool->m->nchunks)
+        return prmem_fail(e, pool->mstate->ProtectionError,
+                          "prmem pool '%.200s': an area names no chunk of the pool", pool->cname);
+    const prmem_chunk *ch = &pool->m->chunks[area->chunk];
     if (ch->sealed || ch->fd < 0)
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s': memory is sealed read-only", pool->cname);
+    /* The target lies inside the area and the area inside its chunk
+     * (protected tables: the caller checked the allocation against them);
+     * checked again here for every caller, in plain memory. */
+    if (dst < area->start || n > area->size || (size_t)(dst - area->start) > area->size - n ||
+        area->start < ch->base || (size_t)(area->start - ch->base) + area->size > ch->used)
+        return prmem_fail(e, pool->mstate->ProtectionError,
+                          "prmem pool '%.200s': a rare write outside the pool's areas was "
+                          "refused", pool->cname);
+    /* The descriptor's identity: an fstat() costs about as much as a small
+     * pwrite(), so only writes of PRMEM_CHECK_BACKING_MIN bytes or more pay
+     * for it (docs/design.md); below, the fd number comes from protected
+     * metadata and only a syscall (close/dup2) can re-point it. */
+    if (n >= PRMEM_CHECK_BACKING_MIN && prmem_check_backing(pool, ch, e) < 0)
+        return -1;
     if (prmem_chunk_is_shared(ch)) /* the caller must prmem_chunk_unshare() first */
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s': internal error: a write to memory still "
@@ -634,6 +666,24 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void
     return 0;
 }
 
+/* The descriptor chunk ch names is still the file recorded for it at
+ * creation (st_dev, st_ino): 0, or -1 with ProtectionError in *e (if e). */
+PRMEM_INTERNAL int
+prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e)
+{
+    struct stat st;
+    int fd = ch->fd;
+    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == ch->dev && st.st_ino == ch->ino)
+        return 0;
+    if (e == NULL)
+        return -1;
+    return prmem_fail(e, pool->mstate->ProtectionError,
+                      "prmem pool '%.200s': descriptor %d is no longer the pool's memory file "
+                      "(recorded device %lu, inode %lu); something closed or replaced it "
+                      "(dup2?), and prmem refuses to write through it",
+                      pool->cname, fd, (unsigned long)ch->dev, (unsigned long)ch->ino);
+}
+
 /* Call fn(ctx, from, to) for each range of [0, end) of the file that holds
  * data (SEEK_DATA/SEEK_HOLE skip never-touched ranges, so a huge sparse
  * area costs nothing).  Stops at the first fn() that returns -1. */
@@ -681,13 +731,14 @@ write_zeros(void *ctx, off_t from, off_t to)
  * zeroes freed pages before anyone else gets them.  Where the file cannot
  * punch holes, its pages are overwritten with zeros instead. */
 static void
-zero_chunk_data(prmem_chunk *ch)
+zero_chunk_data(const prmem_chunk *ch)
 {
     if (ch->used == 0)
         return;
     if (fallocate(ch->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)ch->used) == 0)
         return;
-    prmem_for_each_data_range(ch->fd, (off_t)ch->used, write_zeros, &ch->fd);
+    int fd = ch->fd;
+    prmem_for_each_data_range(fd, (off_t)ch->used, write_zeros, &fd);
 }
 
 /* mseal()ed chunks of destroyed pools: they stay mapped, and their pages
@@ -710,8 +761,9 @@ prmem_sealed_leftovers(size_t *chunks, size_t *bytes)
 PRMEM_INTERNAL void
 prmem_pool_release(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    int frozen = prmem_meta_frozen() != 0;
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         /* Unmap first: the hole punched below then frees pages that no page
          * table maps any more, which is cheaper than tearing both down. */
         if (ch->msealed) {
@@ -722,13 +774,22 @@ prmem_pool_release(PoolObject *pool)
         }
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
-        if (ch->fd >= 0) {
-            /* memfd_secret pages are zeroed by the kernel when freed; a
-             * file another process still maps (keep_data) is its memory too */
-            if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data)
-                zero_chunk_data(ch);
-            close(ch->fd);
-            ch->fd = -1;
+        /* Frozen metadata (a fork()ed child without a metadata file):
+         * fork.c closed every descriptor the table names and left private
+         * snapshots, so the numbers are stale: nothing to zero or close. */
+        if (ch->fd >= 0 && !frozen) {
+            /* A descriptor that is no longer the recorded file (closed or
+             * replaced by a dup2()) is someone else's: neither zeroed nor
+             * closed, only forgotten. */
+            if (prmem_check_backing(pool, ch, NULL) == 0) {
+                /* memfd_secret pages are zeroed by the kernel when freed; a
+                 * file another process still maps (keep_data) is its
+                 * memory too */
+                if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data)
+                    zero_chunk_data(ch);
+                close(ch->fd);
+            }
+            META_SET(ch->fd, -1);
         }
     }
     /* the "attached from" markers of a pool received from elsewhere */
@@ -739,11 +800,18 @@ prmem_pool_release(PoolObject *pool)
     PyMem_RawFree(marks);
     pool->attach_marks = NULL;
     pool->nattach_marks = 0;
-    PyMem_RawFree(pool->chunks);
-    PyMem_RawFree(pool->areas);
-    pool->chunks = NULL;
-    pool->areas = NULL;
-    pool->nchunks = pool->chunks_cap = 0;
-    pool->nareas = pool->areas_cap = 0;
+    PyMem_RawFree(pool->area_wexports);
+    pool->area_wexports = NULL;
+    pool->area_wexports_cap = 0;
     pool->cur_area = -1;
+    if (frozen)
+        return; /* the tables stay (frozen): nothing may change them */
+    prmem_meta_free((void *)pool->m->chunks, pool->m->chunks_cap * sizeof(prmem_chunk));
+    prmem_meta_free((void *)pool->m->areas, pool->m->areas_cap * sizeof(prmem_area));
+    META_SET(pool->m->chunks, NULL);
+    META_SET(pool->m->areas, NULL);
+    META_SET(pool->m->nchunks, 0);
+    META_SET(pool->m->chunks_cap, 0);
+    META_SET(pool->m->nareas, 0);
+    META_SET(pool->m->areas_cap, 0);
 }

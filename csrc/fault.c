@@ -224,11 +224,11 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
     uintptr_t pool_offset = addr - r->start;
     int have_offset = 0;
     PoolObject *pool = __atomic_load_n(&r->pool, __ATOMIC_RELAXED);
-    if (pool != NULL && pool->areas != NULL) {
-        size_t n = pool->nareas;
+    if (pool != NULL && pool->m->areas != NULL) {
+        size_t n = pool->m->nareas;
         uintptr_t before = 0;
         for (size_t i = 0; i < n; i++) {
-            prmem_area *a = &pool->areas[i];
+            const prmem_area *a = &pool->m->areas[i];
             if ((uintptr_t)a->start <= addr && addr < (uintptr_t)a->start + a->size) {
                 state = prmem_state_name(a->state);
                 pool_offset = before + (addr - (uintptr_t)a->start);

@@ -89,7 +89,7 @@ static int lazy;
 static int
 copied_at_fork(PoolObject *p, size_t ci)
 {
-    const prmem_chunk *ch = &p->chunks[ci];
+    const prmem_chunk *ch = &p->m->chunks[ci];
     if (ch->sealed || ch->fd < 0)
         return 0; /* immutable, or an anonymous snapshot that fork() copies */
     return !lazy || !prmem_chunk_can_stay_shared(p, ci);
@@ -101,7 +101,7 @@ anything_to_copy(void)
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
         if (!p->m->ready || p->m->destroyed)
             continue;
-        for (size_t ci = 0; ci < p->nchunks; ci++)
+        for (size_t ci = 0; ci < p->m->nchunks; ci++)
             if (copied_at_fork(p, ci))
                 return 1;
     }
@@ -136,9 +136,9 @@ parent(void)
     for (PoolObject *p = registry_head; gen != 0 && p != NULL; p = p->reg_next) {
         if (!p->m->ready || p->m->destroyed)
             continue;
-        for (size_t ci = 0; ci < p->nchunks; ci++)
-            if (prmem_chunk_can_stay_shared(p, ci) && p->chunks[ci].shared_gen == 0)
-                p->chunks[ci].shared_gen = gen; /* the oldest fork that shares it */
+        for (size_t ci = 0; ci < p->m->nchunks; ci++)
+            if (prmem_chunk_can_stay_shared(p, ci) && p->m->chunks[ci].shared_gen == 0)
+                META_SET(p->m->chunks[ci].shared_gen, gen); /* the oldest fork sharing it */
     }
     if (copied_pipe[1] >= 0) {
         char c;
@@ -155,7 +155,7 @@ parent(void)
 static int
 privatize_chunk(PoolObject *pool, size_t ci)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     int fd = prmem_new_backing(pool, ch->kind);
     if (fd < 0)
         return -1;
@@ -166,8 +166,8 @@ privatize_chunk(PoolObject *pool, size_t ci)
     if (mmap(ch->base, ch->size, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fd, 0) ==
         MAP_FAILED)
         goto fail;
-    for (size_t i = 0; i < pool->nareas; i++) {
-        prmem_area *a = &pool->areas[i];
+    for (size_t i = 0; i < pool->m->nareas; i++) {
+        const prmem_area *a = &pool->m->areas[i];
         if (a->chunk != ci)
             continue;
         int writable = a->state == PRMEM_WRITABLE || !prmem_enforce;
@@ -186,11 +186,11 @@ privatize_chunk(PoolObject *pool, size_t ci)
         mlock(ch->base, ch->used);
     struct stat st;
     if (fstat(fd, &st) == 0) {
-        ch->dev = st.st_dev;
-        ch->ino = st.st_ino;
+        META_SET(ch->dev, st.st_dev);
+        META_SET(ch->ino, st.st_ino);
     }
     close(ch->fd);
-    ch->fd = fd;
+    META_SET(ch->fd, fd);
     return 0;
 fail:
     close(fd);
@@ -211,7 +211,7 @@ fail:
 static int
 share_readonly(PoolObject *pool, size_t ci)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     char path[32] = "/proc/self/fd/";
     char digits[12];
     int n = 0;
@@ -242,7 +242,7 @@ share_readonly(PoolObject *pool, size_t ci)
     if (pool->m->mlock_areas && ch->used > 0)
         prmem_lock_range(ch->base, ch->used);
     close(ch->fd);
-    ch->fd = ro;
+    META_SET(ch->fd, ro);
     return 0;
 }
 
@@ -254,17 +254,17 @@ share_readonly(PoolObject *pool, size_t ci)
  * Returns -1 only if not even that memory can be had.
  */
 static int
-snapshot_chunk(PoolObject *pool, size_t ci)
+snapshot_chunk(PoolObject *pool, size_t ci, int record)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (ch->used > 0) {
         char *copy = mmap(NULL, ch->used, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                           -1, 0);
         if (copy == MAP_FAILED)
             return -1;
         memcpy(copy, ch->base, ch->used); /* readable: see make_readable() */
-        for (size_t i = 0; i < pool->nareas; i++) {
-            prmem_area *a = &pool->areas[i];
+        for (size_t i = 0; i < pool->m->nareas; i++) {
+            const prmem_area *a = &pool->m->areas[i];
             if (a->chunk == ci && a->state != PRMEM_WRITABLE && prmem_enforce)
                 mprotect(copy + (a->start - ch->base), a->size, prmem_protected_prot(pool));
         }
@@ -281,9 +281,11 @@ snapshot_chunk(PoolObject *pool, size_t ci)
     prmem_advise(pool, ch, ch->base, ch->size);
     if (ch->fd >= 0)
         close(ch->fd);
-    ch->fd = -1;
-    ch->dev = 0;
-    ch->ino = 0;
+    if (record) { /* else frozen metadata: the stale number is never used */
+        META_SET(ch->fd, -1);
+        META_SET(ch->dev, (dev_t)0);
+        META_SET(ch->ino, (ino_t)0);
+    }
     return 0;
 }
 
@@ -292,17 +294,31 @@ child(void)
 {
     size_t nshared = 0;
     prmem_meta_fork_child(); /* first: this process's metadata is its own */
+    int frozen = prmem_meta_frozen() != 0;
     for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
         if (!p->m->ready || p->m->destroyed)
             continue;
-        for (size_t ci = 0; ci < p->nchunks; ci++) {
-            prmem_chunk *ch = &p->chunks[ci];
+        for (size_t ci = 0; ci < p->m->nchunks; ci++) {
+            const prmem_chunk *ch = &p->m->chunks[ci];
+            if (frozen) {
+                /* No metadata file: nothing can be recorded, every pool
+                 * refuses changes (prmem_meta_frozen); each unsealed chunk
+                 * becomes a private snapshot, nothing of the parent's file
+                 * stays mapped or open here. */
+                if (ch->sealed)
+                    continue;
+                if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
+                    mprotect(ch->base, ch->used, PROT_READ);
+                if (snapshot_chunk(p, ci, 0) < 0)
+                    mprotect(ch->base, ch->size, PROT_NONE);
+                continue;
+            }
             /* the parent's children are not ours */
-            ch->shared_gen = 0;
+            META_SET(ch->shared_gen, 0ULL);
             if (!copied_at_fork(p, ci)) {
-                ch->shared_with_parent = 0;
+                META_SET(ch->shared_with_parent, 0);
                 if (lazy && !ch->sealed && ch->fd >= 0 && share_readonly(p, ci) == 0) {
-                    ch->shared_with_parent = 1; /* copied on first change */
+                    META_SET(ch->shared_with_parent, 1); /* copied on first change */
                     nshared++;
                     continue;
                 }
@@ -310,7 +326,7 @@ child(void)
                     continue;
                 /* could not be shared read-only: copied now, as below */
             }
-            ch->shared_with_parent = 0;
+            META_SET(ch->shared_with_parent, 0);
             /* copies of secret memory, and snapshots, read the mapping: a
              * no-access chunk is made readable here, single-threaded, and
              * the copy gets the pool's protections back */
@@ -321,7 +337,7 @@ child(void)
                  * a private snapshot, or, if not even anonymous memory can
                  * be had, fails closed: never shared with the parent. */
                 META_SET(p->m->fork_errno, errno ? errno : EIO);
-                if (snapshot_chunk(p, ci) < 0)
+                if (snapshot_chunk(p, ci, 1) < 0)
                     mprotect(ch->base, ch->size, PROT_NONE);
             }
         }

@@ -65,6 +65,32 @@ static int fork_fd = -1; /* the copy made for a child by fork_prepare */
 /* A file made ahead of time, so that a fork() in a process out of
  * descriptors still gives the child metadata of its own. */
 static int spare_fd = -1;
+static int new_file(void);
+static ino_t spare_ino; /* used only if the descriptor is still that file */
+
+static void
+new_spare(void)
+{
+    struct stat st;
+    spare_fd = new_file();
+    if (spare_fd >= 0 && fstat(spare_fd, &st) == 0)
+        spare_ino = st.st_ino;
+    else if (spare_fd >= 0) {
+        close(spare_fd);
+        spare_fd = -1;
+    }
+}
+
+static int
+take_spare(void)
+{
+    struct stat st;
+    int fd = spare_fd;
+    spare_fd = -1;
+    if (fd >= 0 && (fstat(fd, &st) < 0 || st.st_ino != spare_ino))
+        return -1; /* closed or replaced behind prmem's back: not ours */
+    return fd;
+}
 
 #define HDR ((const struct meta_header *)prmem_meta_base)
 
@@ -81,21 +107,31 @@ new_file(void)
     return fd;
 }
 
+/* errno of the failure if this fork()ed child has no metadata file of its
+ * own: metadata is then frozen (read-only for good, never mapped writable)
+ * and every change is refused before it starts (prmem_meta_frozen). */
+static int frozen_errno;
+
+_Static_assert(sizeof(prmem_pool_meta) <= PRMEM_META_RECORD, "pool record too large");
+
+PRMEM_INTERNAL int
+prmem_meta_frozen(void)
+{
+    return __atomic_load_n(&frozen_errno, __ATOMIC_RELAXED);
+}
+
 static void
 write_at(int fd, size_t off, const void *src, size_t n)
 {
     if (fd < 0) {
-        /* Degraded: a child forked when no file could be had holds a
-         * private snapshot (see prmem_meta_fork_child); its pages are made
-         * writable for the copy only, with meta_lock held. */
-        char *d = prmem_meta_base + off;
-        uintptr_t lo = (uintptr_t)d & ~(uintptr_t)(prmem_page_size - 1);
-        uintptr_t hi = ((uintptr_t)d + n + prmem_page_size - 1) & ~(uintptr_t)(prmem_page_size - 1);
-        if (mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE) < 0)
-            abort();
-        memcpy(d, src, n);
-        mprotect((void *)lo, hi - lo, PROT_READ);
-        return;
+        /* Frozen metadata (a child without a file of its own): callers
+         * check prmem_meta_frozen() first, so reaching this is a prmem
+         * bug; never map the metadata writable, fail closed. */
+        static const char msg[] = "prmem: a change to frozen metadata (a fork()ed child "
+                                  "without a metadata file); aborting\n";
+        ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+        (void)ignored;
+        abort();
     }
     const char *s = src;
     while (n > 0) {
@@ -155,7 +191,7 @@ prmem_meta_init(void)
     madvise(base, RESERVE, MADV_DONTDUMP);
     prmem_meta_base = base;
     meta_fd = fd;
-    spare_fd = new_file();
+    new_spare();
     struct meta_header h;
     memset(&h, 0, sizeof(h));
     h.rec_top = RECORDS;
@@ -210,6 +246,8 @@ commit(size_t field_off, size_t current, size_t to)
 PRMEM_INTERNAL void *
 prmem_meta_record_alloc(void)
 {
+    if (prmem_meta_frozen())
+        return NULL;
     void *rec = NULL;
     pthread_mutex_lock(&meta_lock);
     if (HDR->rec_free != 0) {
@@ -261,7 +299,7 @@ PRMEM_INTERNAL void *
 prmem_meta_alloc(size_t n)
 {
     int c = size_class(n ? n : 1);
-    if (c < 0)
+    if (c < 0 || prmem_meta_frozen())
         return NULL;
     size_t sz = (size_t)1 << (c + MIN_CLASS);
     void *p = NULL;
@@ -315,6 +353,28 @@ prmem_meta_free(void *p, size_t n)
 }
 
 PRMEM_INTERNAL int
+prmem_meta_grow(const void *const *array, const size_t *cap, size_t count, size_t item_size)
+{
+    if (count < *cap)
+        return 0;
+    size_t new_cap = *cap ? *cap * 2 : 8;
+    if (new_cap > RESERVE / item_size)
+        return -1;
+    void *p = prmem_meta_alloc(new_cap * item_size);
+    if (p == NULL)
+        return -1;
+    const void *old = *array;
+    size_t old_cap = *cap;
+    if (old != NULL && count > 0)
+        prmem_meta_write(p, old, count * item_size);
+    META_SET(*(const void **)array, p);
+    META_SET(*(size_t *)cap, new_cap);
+    if (old != NULL)
+        prmem_meta_free((void *)old, old_cap * item_size);
+    return 0;
+}
+
+PRMEM_INTERNAL int
 prmem_meta_is_record(const void *p)
 {
     uintptr_t a = (uintptr_t)p, b = (uintptr_t)prmem_meta_base;
@@ -361,10 +421,8 @@ prmem_meta_fork_prepare(void)
         return;
     pthread_mutex_lock(&meta_lock);
     int fd = new_file();
-    if (fd < 0) {
-        fd = spare_fd;
-        spare_fd = -1;
-    }
+    if (fd < 0)
+        fd = take_spare();
     if (fd >= 0 && ftruncate(fd, (off_t)RESERVE) < 0) {
         close(fd);
         fd = -1;
@@ -390,7 +448,7 @@ prmem_meta_fork_parent(void)
         close(fork_fd);
     fork_fd = -1;
     if (spare_fd < 0)
-        spare_fd = new_file();
+        new_spare();
     pthread_mutex_unlock(&meta_lock);
 }
 
@@ -402,21 +460,22 @@ prmem_meta_fork_child(void)
         return;
     int fd = fork_fd;
     fork_fd = -1;
-    if (spare_fd >= 0)
-        close(spare_fd); /* the parent's */
-    spare_fd = -1;
+    int spare = take_spare();
+    if (spare >= 0)
+        close(spare); /* the parent's */
     if (fd >= 0) {
         if (mmap(prmem_meta_base, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE | MAP_FIXED,
                  fd, 0) == MAP_FAILED)
             abort(); /* never go on writing the parent's metadata */
     }
     else if (meta_fd >= 0) {
-        /* No file at all: a private snapshot, copied while the parent
-         * still waits in fork() for nothing (the copy reads our own view
-         * of A, which the parent may change from now on: only the used
-         * parts as of prepare, which the parent had locked, matter, and
-         * they were complete then -- pages the parent writes after
-         * fork() can reach this view until the mremap below). */
+        /* No file at all (the process was out of descriptors and memory
+         * for one): a private read-only snapshot, copied before the parent
+         * can change anything of what is in use (it waits in prmem's fork
+         * hooks holding meta_lock until fork() returns there, and only the
+         * used parts as of prepare matter).  It is never made writable:
+         * metadata is frozen in this child, every change is refused
+         * (prmem_meta_frozen) and no pool can be created. */
         size_t used_rec = HDR->rec_top, heap_top = HDR->heap_top;
         char *copy = mmap(NULL, RESERVE, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -424,15 +483,18 @@ prmem_meta_fork_child(void)
             abort();
         memcpy(copy, prmem_meta_base, used_rec);
         memcpy(copy + HEAP, prmem_meta_base + HEAP, heap_top - HEAP);
-        mprotect(copy, RESERVE, PROT_READ);
+        if (mprotect(copy, RESERVE, PROT_READ) < 0)
+            abort();
         if (mremap(copy, RESERVE, RESERVE, MREMAP_MAYMOVE | MREMAP_FIXED, prmem_meta_base) ==
             MAP_FAILED)
             abort();
+        __atomic_store_n(&frozen_errno, EMFILE, __ATOMIC_RELAXED);
     }
     madvise(prmem_meta_base, RESERVE, MADV_DONTDUMP);
     if (meta_fd >= 0)
         close(meta_fd);
     meta_fd = fd;
-    spare_fd = new_file();
+    if (fd >= 0)
+        new_spare();
     pthread_mutex_unlock(&meta_lock);
 }

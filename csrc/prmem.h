@@ -178,10 +178,10 @@ prmem_chunk_is_shared(const prmem_chunk *ch)
 typedef struct {
     char *start;
     size_t size;
-    uint32_t chunk;         /* index in pool->chunks */
+    uint32_t chunk;         /* index in pool->m->chunks */
     uint8_t state;          /* enum prmem_state */
-    Py_ssize_t wexports;    /* writable buffer views alive on this area */
-} prmem_area;
+} prmem_area;   /* in metadata; its writable-view count is
+                 * PoolObject.area_wexports[i] (ordinary memory: a count) */
 
 typedef struct prmem_module_state prmem_module_state;
 
@@ -212,6 +212,13 @@ typedef struct prmem_pool_meta {
     int broken_errno;       /* a failed re-map could not be undone: unusable */
     size_t refill;          /* minimum area size, page-rounded */
     size_t next_chunk_size; /* reservation size for the next chunk */
+    /* The chunk and area tables: arrays in metadata (prmem_meta_alloc),
+     * elements changed only with META_SET.  const: a plain store into
+     * them does not compile (and would fault if it did). */
+    const prmem_chunk *chunks;
+    size_t nchunks, chunks_cap;
+    const prmem_area *areas;
+    size_t nareas, areas_cap;
 } prmem_pool_meta;
 
 /* meta.c: prmem's own metadata, write-rare; the bottom floor.  One reserved
@@ -233,6 +240,13 @@ PRMEM_INTERNAL int prmem_meta_contains(const void *p, size_t n);
 PRMEM_INTERNAL void prmem_meta_fork_prepare(void);
 PRMEM_INTERNAL void prmem_meta_fork_parent(void);
 PRMEM_INTERNAL void prmem_meta_fork_child(void);
+/* Metadata changes are refused (this fork()ed child has no metadata file
+ * of its own): 0 if writable, else the errno of the failure */
+PRMEM_INTERNAL int prmem_meta_frozen(void);
+/* Grow a metadata array so that it holds count + 1 items: 0, or -1 (no
+ * memory); *array and *cap are fields of a metadata record */
+PRMEM_INTERNAL int prmem_meta_grow(const void *const *array, const size_t *cap, size_t count,
+                                   size_t item_size);
 
 /* Set a field of a metadata record: the only way metadata changes. */
 #define META_SET(lvalue, value)                                                \
@@ -256,10 +270,10 @@ typedef struct PoolObject {
     size_t nattach_marks;
     PyObject *name;         /* exact str (a copy, never a user subclass) */
     char *cname;            /* the name as UTF-8, for messages built under the lock */
-    prmem_chunk *chunks;
-    size_t nchunks, chunks_cap;
-    prmem_area *areas;
-    size_t nareas, areas_cap;
+    /* writable buffer views alive per area (index as in m->areas): a pure
+     * count, ordinary memory, grown with the area table */
+    Py_ssize_t *area_wexports;
+    size_t area_wexports_cap;
     Py_ssize_t cur_area;    /* area allocations come from; -1 if none */
     size_t cur_off;         /* first free byte in the current area */
     /* accounting, for stats() */
@@ -325,9 +339,9 @@ prmem_advise(const PoolObject *pool, const prmem_chunk *ch, char *base, size_t l
     }
     else if (pool->m->dontdump)
         madvise(base, len, MADV_DONTDUMP);
-    size_t ci = (size_t)(ch - pool->chunks);
-    for (size_t i = 0; i < pool->nareas; i++) {
-        const prmem_area *a = &pool->areas[i];
+    size_t ci = (size_t)(ch - pool->m->chunks);
+    for (size_t i = 0; i < pool->m->nareas; i++) {
+        const prmem_area *a = &pool->m->areas[i];
         if (a->chunk == ci && a->size >= PRMEM_HUGE_AREA &&
             (size_t)(a->start - ch->base) + a->size <= len)
             madvise(base + (a->start - ch->base), a->size, MADV_HUGEPAGE);
@@ -347,7 +361,7 @@ typedef struct {
     PoolObject *pool;   /* strong reference */
     char *addr;
     size_t size;
-    uint32_t area;      /* index in pool->areas */
+    uint32_t area;      /* index in pool->m->areas */
 } AllocationObject;
 
 struct prmem_module_state {
@@ -447,6 +461,10 @@ PRMEM_INTERNAL int prmem_file_write(PoolObject *pool, const prmem_area *area,
                                     char *dst, const void *src, size_t n,
                                     int fill_byte, prmem_error *e);
 PRMEM_INTERNAL void prmem_pool_release(PoolObject *pool);
+/* Rare writes of this many bytes or more compare the descriptor with the
+ * recorded st_dev/st_ino first (an fstat(): see docs/design.md) */
+#define PRMEM_CHECK_BACKING_MIN ((size_t)4096)
+PRMEM_INTERNAL int prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e);
 PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
@@ -494,9 +512,26 @@ PRMEM_INTERNAL extern PyType_Spec prmem_allocation_spec;
 PRMEM_INTERNAL extern PyType_Spec prmem_readonly_buffer_spec;
 PRMEM_INTERNAL int prmem_check_usable(PoolObject *pool, prmem_error *e);
 PRMEM_INTERNAL int prmem_check_changeable(PoolObject *pool, prmem_error *e);
+PRMEM_INTERNAL int prmem_check_allocation(PoolObject *pool, const AllocationObject *a,
+                                          prmem_error *e);
 PRMEM_INTERNAL int prmem_refuse_write(PoolObject *pool, int state, prmem_error *e);
 PRMEM_INTERNAL void prmem_sync_fault_registry(PoolObject *pool);
 PRMEM_INTERNAL void prmem_release_if_pending(PoolObject *pool);
+PRMEM_INTERNAL void prmem_forget_fault_ranges(PoolObject *pool);
+/* lifecycle.c: protect/destroy methods of the Pool type */
+PRMEM_INTERNAL PyObject *prmem_pool_protect(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_finish_init(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_destroy_when_released(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_destroy(PoolObject *self, PyObject *unused);
+/* A method's entry check: the pool is initialised and its record checks out */
+#define REFUSE_UNINITIALISED(pool, rv)                         \
+    do {                                                       \
+        if (!prmem_pool_ready(pool)) {                               \
+            prmem_raise_uninitialised((PyObject *)(pool));     \
+            return rv;                                         \
+        }                                                      \
+    } while (0)
+
 
 /* access.c: no-access pools.  prmem_access_hold/release are called with
  * the pool lock held and no Python API; the methods take it themselves. */
@@ -513,6 +548,7 @@ PRMEM_INTERNAL extern PyType_Spec prmem_access_spec;
 PRMEM_INTERNAL PyObject *prmem_pool_stats(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_verify(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_pool_metadata_address(PoolObject *self, PyObject *unused);
+PRMEM_INTERNAL PyObject *prmem_pool_metadata_tables(PoolObject *self, PyObject *unused);
 PRMEM_INTERNAL int prmem_raise_uninitialised(PyObject *pool);
 PRMEM_INTERNAL int prmem_parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                     PyObject *kwnames, const char *const *names,

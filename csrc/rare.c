@@ -47,13 +47,15 @@ retry:
                    pool->cname);
         goto fail;
     }
-    prmem_area *area = &pool->areas[dst->area];
+    if (prmem_check_allocation(pool, dst, &e) < 0)
+        goto fail;
+    const prmem_area *area = &pool->m->areas[dst->area];
     char *to = dst->addr + off;
     if (area->state == PRMEM_READ_ONLY) {
         prmem_refuse_write(pool, area->state, &e);
         goto fail;
     }
-    if (area->state != PRMEM_WRITABLE && prmem_chunk_is_shared(&pool->chunks[area->chunk])) {
+    if (area->state != PRMEM_WRITABLE && prmem_chunk_is_shared(&pool->m->chunks[area->chunk])) {
         /* First change since fork(): maybe a private copy of the whole
          * chunk first (unshare.c), without the GIL, which is taken back
          * after the pool lock is released (see prmem.h); then start over. */

@@ -68,19 +68,19 @@ prmem_pool_stats(PoolObject *self, PyObject *unused)
         Py_DECREF(d);
         return prmem_raise(&e);
     }
-    for (size_t i = 0; i < self->nareas; i++) {
-        by_state[self->areas[i].state]++;
-        mapped += self->areas[i].size;
+    for (size_t i = 0; i < self->m->nareas; i++) {
+        by_state[self->m->areas[i].state]++;
+        mapped += self->m->areas[i].size;
     }
-    for (size_t i = 0; i < self->nchunks; i++) {
-        reserved += self->chunks[i].size;
-        sealed_chunks += self->chunks[i].sealed != 0;
-        descriptors += self->chunks[i].fd >= 0;
+    for (size_t i = 0; i < self->m->nchunks; i++) {
+        reserved += self->m->chunks[i].size;
+        sealed_chunks += self->m->chunks[i].sealed != 0;
+        descriptors += self->m->chunks[i].fd >= 0;
     }
     if (self->cur_area >= 0)
-        free_bytes = self->areas[self->cur_area].size - self->cur_off;
+        free_bytes = self->m->areas[self->cur_area].size - self->cur_off;
     size_t vals[] = {
-        self->nallocs, self->nareas, self->nchunks, sealed_chunks,
+        self->nallocs, self->m->nareas, self->m->nchunks, sealed_chunks,
         self->bytes_requested, mapped, reserved, self->bytes_lost, free_bytes,
         by_state[PRMEM_WRITABLE], by_state[PRMEM_WRITE_RARE], by_state[PRMEM_READ_ONLY],
         (size_t)self->exports, (size_t)self->wexports, (size_t)self->m->mode,
@@ -117,4 +117,18 @@ prmem_pool_metadata_address(PoolObject *self, PyObject *unused)
     if (!prmem_pool_meta_ok(self))
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     return PyLong_FromVoidPtr(self->m);
+}
+
+/* Pool._metadata_tables(): (chunk table, area table) addresses, test-only
+ * like _metadata_address(). */
+PRMEM_INTERNAL PyObject *
+prmem_pool_metadata_tables(PoolObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!prmem_pool_meta_ok(self))
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
+    POOL_LOCK(self);
+    void *c = (void *)self->m->chunks, *a = (void *)self->m->areas;
+    POOL_UNLOCK(self);
+    return Py_BuildValue("(NN)", PyLong_FromVoidPtr(c), PyLong_FromVoidPtr(a));
 }

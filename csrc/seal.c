@@ -216,12 +216,12 @@ check_no_alias(PoolObject *pool, const prmem_chunk *ch, prmem_error *e)
 static int
 restore_chunk(PoolObject *pool, size_t ci)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (mmap(ch->base, ch->size, PROT_NONE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, ch->fd, 0) ==
         MAP_FAILED)
         return -1;
-    for (size_t i = 0; i < pool->nareas; i++) {
-        prmem_area *a = &pool->areas[i];
+    for (size_t i = 0; i < pool->m->nareas; i++) {
+        const prmem_area *a = &pool->m->areas[i];
         if (a->chunk != ci)
             continue;
         int prot = a->state == PRMEM_WRITABLE ? PROT_READ | PROT_WRITE
@@ -240,7 +240,7 @@ restore_chunk(PoolObject *pool, size_t ci)
 static int
 fail_seal(PoolObject *pool, size_t ci, prmem_error *e, const char *what, int err)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (restore_chunk(pool, ci) < 0) {
         /* fail closed: nothing more goes through this pool */
         META_SET(pool->m->broken_errno, errno ? errno : EIO);
@@ -288,7 +288,7 @@ populate_range(void *base, off_t from, off_t to)
 static int
 seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     char path[64];
     snprintf(path, sizeof(path), "/proc/self/fd/%d", ch->fd);
     int ro = open(path, O_RDONLY | O_CLOEXEC);
@@ -337,13 +337,13 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
 static int
 seal_unsealable(PoolObject *pool, size_t ci, prmem_error *e)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (check_no_alias(pool, ch, e) < 0)
         return -1;
     if (ch->used > 0 && mprotect(ch->base, ch->used, prmem_protected_prot(pool)) < 0) {
         int err = errno;
-        for (size_t i = 0; i < pool->nareas; i++) {
-            prmem_area *a = &pool->areas[i];
+        for (size_t i = 0; i < pool->m->nareas; i++) {
+            const prmem_area *a = &pool->m->areas[i];
             if (a->chunk == ci && a->state == PRMEM_WRITABLE)
                 mprotect(a->start, a->size, PROT_READ | PROT_WRITE);
         }
@@ -361,12 +361,16 @@ seal_unsealable(PoolObject *pool, size_t ci, prmem_error *e)
 PRMEM_INTERNAL int
 prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (ch->sealed)
         return 0;
     int ro_fd = -1;
     /* the seal would bind a fork()ed process that still maps the file */
     if (prmem_chunk_unshare(pool, ci, e) < 0)
+        return -1;
+    /* the descriptor is still the file recorded at creation: sealing (and
+     * the read-only copy kept for share=True) goes through it */
+    if (ch->fd >= 0 && prmem_check_backing(pool, ch, e) < 0)
         return -1;
     if (prmem_enforce) {
         int rc = ch->kind == PRMEM_BACKING_MEMFD ? seal_memfd(pool, ci, e, &ro_fd)
@@ -378,32 +382,30 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
     if (prmem_enforce && ch->kind == PRMEM_BACKING_MEMFD && pool->m->mlock_areas && ch->used > 0 &&
         prmem_lock_range(ch->base, ch->used) < 0)
         lock_errno = errno;
-    if (pool->cur_area >= 0 && pool->areas[pool->cur_area].chunk == ci)
+    if (pool->cur_area >= 0 && pool->m->areas[pool->cur_area].chunk == ci)
         prmem_close_current_area(pool);
-    for (size_t i = 0; i < pool->nareas; i++) {
-        if (pool->areas[i].chunk == ci)
-            pool->areas[i].state = PRMEM_READ_ONLY;
+    for (size_t i = 0; i < pool->m->nareas; i++) {
+        if (pool->m->areas[i].chunk == ci)
+            META_SET(pool->m->areas[i].state, (uint8_t)PRMEM_READ_ONLY);
     }
-    ch->sealed = 1;
+    META_SET(ch->sealed, 1);
     pool->protect_event = 1;
     /* Reading needs no descriptor.  A share=True pool keeps the read-only
      * one, to pass the sealed memory to other processes: it can neither
      * write nor map writable (O_RDONLY, F_SEAL_WRITE). */
     close(ch->fd);
-    ch->fd = -1;
-    if (ro_fd >= 0 && pool->m->share)
-        ch->fd = ro_fd;
-    else if (ro_fd >= 0)
+    META_SET(ch->fd, ro_fd >= 0 && pool->m->share ? ro_fd : -1);
+    if (ro_fd >= 0 && !pool->m->share)
         close(ro_fd);
     if (prmem_enforce && ch->size > ch->used) {
         if (munmap(ch->base + ch->used, ch->size - ch->used) < 0)
             return prmem_fail_os(e, "munmap", errno);
-        ch->size = ch->used;
+        META_SET(ch->size, ch->used);
     }
     if (pool->m->seal && prmem_enforce && ch->used > 0 && (prmem_features & PRMEM_FEAT_MSEAL)) {
         if (prmem_sys_mseal(ch->base, ch->used) < 0)
             return prmem_fail_os(e, "mseal", errno);
-        ch->msealed = 1;
+        META_SET(ch->msealed, 1);
     }
     if (lock_errno)
         return prmem_fail_memlock(pool, e, "lock=True (sealed, but no longer locked)", ch->used,
@@ -414,7 +416,7 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
 PRMEM_INTERNAL int
 prmem_seal_all(PoolObject *pool, prmem_error *e)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
         if (prmem_chunk_seal(pool, ci, e) < 0)
             return -1;
     }
@@ -435,7 +437,7 @@ typedef struct {
 static int
 by_start(const void *a, const void *b, void *pool)
 {
-    const prmem_area *areas = ((PoolObject *)pool)->areas;
+    const prmem_area *areas = ((PoolObject *)pool)->m->areas;
     const prmem_area *x = &areas[*(const size_t *)a], *y = &areas[*(const size_t *)b];
     return x->start < y->start ? -1 : x->start > y->start;
 }
@@ -461,24 +463,24 @@ verify_mapping(void *ctx, const maps_entry *m)
     verify_scan *s = ctx;
     PoolObject *pool = s->pool;
     /* first area ending after m->start */
-    size_t lo = 0, hi = pool->nareas;
+    size_t lo = 0, hi = pool->m->nareas;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        const prmem_area *a = &pool->areas[s->order[mid]];
+        const prmem_area *a = &pool->m->areas[s->order[mid]];
         if ((uintptr_t)a->start + a->size <= m->start)
             lo = mid + 1;
         else
             hi = mid;
     }
-    for (size_t k = lo; k < pool->nareas; k++) {
+    for (size_t k = lo; k < pool->m->nareas; k++) {
         size_t ai = s->order[k];
-        const prmem_area *a = &pool->areas[ai];
+        const prmem_area *a = &pool->m->areas[ai];
         uintptr_t a_start = (uintptr_t)a->start, a_end = a_start + a->size;
         if (a_start >= m->end)
             break;
         uintptr_t from = m->start > a_start ? m->start : a_start;
         uintptr_t to = m->end < a_end ? m->end : a_end;
-        const prmem_chunk *ch = &pool->chunks[a->chunk];
+        const prmem_chunk *ch = &pool->m->chunks[a->chunk];
         s->covered[ai] += to - from; /* mapped by something; what, is checked now */
         if (!same_file(ch, m) || m->perms[3] != 's') {
             add_finding(s, ai, from, to, PRMEM_VERIFY_REPLACED, m->perms);
@@ -507,29 +509,29 @@ verify_mapping(void *ctx, const maps_entry *m)
 PRMEM_INTERNAL Py_ssize_t
 prmem_verify(PoolObject *pool, prmem_verify_finding *out, size_t max_out, prmem_error *e)
 {
-    if (pool->nareas == 0)
+    if (pool->m->nareas == 0)
         return 0;
     verify_scan s = {pool, NULL, NULL, out, max_out, 0};
-    s.order = PyMem_RawMalloc(pool->nareas * sizeof(size_t));
-    s.covered = PyMem_RawCalloc(pool->nareas, sizeof(size_t));
+    s.order = PyMem_RawMalloc(pool->m->nareas * sizeof(size_t));
+    s.covered = PyMem_RawCalloc(pool->m->nareas, sizeof(size_t));
     if (s.order == NULL || s.covered == NULL) {
         PyMem_RawFree(s.order);
         PyMem_RawFree(s.covered);
         return prmem_fail(e, PyExc_MemoryError, "prmem: out of memory for verify()");
     }
-    for (size_t i = 0; i < pool->nareas; i++)
+    for (size_t i = 0; i < pool->m->nareas; i++)
         s.order[i] = i;
-    qsort_r(s.order, pool->nareas, sizeof(size_t), by_start, pool);
+    qsort_r(s.order, pool->m->nareas, sizeof(size_t), by_start, pool);
     int err = 0;
     Py_ssize_t rc = 0;
     if (for_each_mapping(verify_mapping, &s, &err) < 0)
         rc = prmem_fail_errno(e, err, "verify(): cannot read /proc/self/maps: %s",
                               strerror(err));
     else {
-        for (size_t i = 0; i < pool->nareas; i++) {
-            if (s.covered[i] < pool->areas[i].size)
-                add_finding(&s, i, (uintptr_t)pool->areas[i].start,
-                            (uintptr_t)pool->areas[i].start + pool->areas[i].size,
+        for (size_t i = 0; i < pool->m->nareas; i++) {
+            if (s.covered[i] < pool->m->areas[i].size)
+                add_finding(&s, i, (uintptr_t)pool->m->areas[i].start,
+                            (uintptr_t)pool->m->areas[i].start + pool->m->areas[i].size,
                             PRMEM_VERIFY_NOT_MAPPED, "");
         }
         rc = (Py_ssize_t)s.nfound;

@@ -40,7 +40,7 @@ check_exportable(PoolObject *pool, size_t ci, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (pool->m->secret)
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s' is a secret pool: its memory cannot be sealed "
@@ -67,7 +67,7 @@ check_exportable(PoolObject *pool, size_t ci, prmem_error *e)
 static int
 dup_chunk(PoolObject *pool, size_t ci, int *fd, uint64_t *file_size, prmem_error *e)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     struct stat st;
     if (fstat(ch->fd, &st) < 0)
         return prmem_fail_os(e, "fstat", errno);
@@ -101,7 +101,7 @@ export_pool(PyObject *module, PyObject *arg)
     prmem_error e;
     int rc = 0;
     POOL_LOCK(pool);
-    n = pool->nchunks;
+    n = pool->m->nchunks;
     fds = PyMem_RawCalloc(n + 1, sizeof(int));
     sizes = PyMem_RawCalloc(n + 1, sizeof(uint64_t));
     used = PyMem_RawCalloc(n + 1, sizeof(uint64_t));
@@ -115,7 +115,7 @@ export_pool(PyObject *module, PyObject *arg)
             for (size_t k = 0; k < ci; k++)
                 close(fds[k]);
         else
-            used[ci] = pool->chunks[ci].used;
+            used[ci] = pool->m->chunks[ci].used;
     }
     if (rc == 0 && n == 0)
         rc = prmem_fail(&e, pool->mstate->ProtectionError,
@@ -158,12 +158,12 @@ export_allocation(PyObject *module, PyObject *arg)
     POOL_LOCK(pool);
     int rc = prmem_check_usable(pool, &e);
     if (rc == 0) {
-        size_t ci = pool->areas[a->area].chunk;
+        size_t ci = pool->m->areas[a->area].chunk;
         rc = check_exportable(pool, ci, &e);
         if (rc == 0)
             rc = dup_chunk(pool, ci, &fd, &file_size, &e);
-        used = pool->chunks[ci].used;
-        offset = (uint64_t)(a->addr - pool->chunks[ci].base);
+        used = pool->m->chunks[ci].used;
+        offset = (uint64_t)(a->addr - pool->m->chunks[ci].base);
     }
     POOL_UNLOCK(pool);
     if (rc < 0)
@@ -371,6 +371,33 @@ attach(PyObject *module, PyObject *args)
         prmem_raise(&e);
         goto close_all;
     }
+    /* the tables go into prmem's protected metadata */
+    void *mchunks = prmem_meta_alloc((size_t)n * sizeof(prmem_chunk));
+    void *mareas = prmem_meta_alloc((size_t)n * sizeof(prmem_area));
+    Py_ssize_t *wexp = PyMem_RawCalloc((size_t)n, sizeof(Py_ssize_t));
+    if (mchunks == NULL || mareas == NULL || wexp == NULL) {
+        prmem_meta_free(mchunks, (size_t)n * sizeof(prmem_chunk));
+        prmem_meta_free(mareas, (size_t)n * sizeof(prmem_area));
+        PyMem_RawFree(wexp);
+        for (Py_ssize_t i = 0; i < done; i++) {
+            if (!chunks[i].msealed)
+                munmap(chunks[i].base, chunks[i].used);
+            close(chunks[i].fd);
+            if (marks[i] != NULL)
+                munmap(marks[i], prmem_page_size);
+        }
+        Py_DECREF(exact);
+        PyMem_RawFree(cname);
+        PyMem_RawFree(chunks);
+        PyMem_RawFree(areas);
+        PyMem_RawFree(marks);
+        PyErr_SetString(PyExc_MemoryError, "prmem: out of metadata memory for pool tables");
+        goto close_all;
+    }
+    prmem_meta_write(mchunks, chunks, (size_t)n * sizeof(prmem_chunk));
+    prmem_meta_write(mareas, areas, (size_t)n * sizeof(prmem_area));
+    PyMem_RawFree(chunks);
+    PyMem_RawFree(areas);
     POOL_LOCK(pool);
     static unsigned long long next_attached = 1ULL << 62; /* apart from local serials */
     pool->serial = __atomic_fetch_add(&next_attached, 1, __ATOMIC_RELAXED);
@@ -386,10 +413,15 @@ attach(PyObject *module, PyObject *args)
     PyObject *placeholder = pool->name;
     pool->name = exact;
     pool->cname = cname;
-    pool->chunks = chunks;
-    pool->nchunks = pool->chunks_cap = (size_t)n;
-    pool->areas = areas;
-    pool->nareas = pool->areas_cap = (size_t)n;
+    META_SET(pool->m->chunks, (const prmem_chunk *)mchunks);
+    META_SET(pool->m->nchunks, (size_t)n);
+    META_SET(pool->m->chunks_cap, (size_t)n);
+    META_SET(pool->m->areas, (const prmem_area *)mareas);
+    META_SET(pool->m->nareas, (size_t)n);
+    META_SET(pool->m->areas_cap, (size_t)n);
+    PyMem_RawFree(pool->area_wexports);
+    pool->area_wexports = wexp;
+    pool->area_wexports_cap = (size_t)n;
     pool->cur_area = -1;
     pool->attach_marks = marks;
     pool->nattach_marks = (size_t)n;
@@ -433,14 +465,14 @@ attached_allocation(PyObject *module, PyObject *args)
     prmem_error e;
     POOL_LOCK(pool);
     int rc = prmem_check_usable(pool, &e);
-    if (rc == 0 && (chunk >= pool->nchunks || size == 0 || offset > pool->chunks[chunk].used ||
-                    size > pool->chunks[chunk].used - offset))
+    if (rc == 0 && (chunk >= pool->m->nchunks || size == 0 || offset > pool->m->chunks[chunk].used ||
+                    size > pool->m->chunks[chunk].used - offset))
         rc = prmem_fail(&e, st->ProtectionError,
                         "the structure the sender described lies outside the memory it sent "
                         "(chunk %llu, offset %llu, %llu bytes); refused",
                         chunk, offset, size);
     if (rc == 0) {
-        obj->addr = pool->chunks[chunk].base + offset;
+        obj->addr = pool->m->chunks[chunk].base + offset;
         obj->size = (size_t)size;
         obj->area = (uint32_t)chunk;
     }

@@ -197,11 +197,11 @@ children_share(unsigned long long gen)
 
 /* The child no longer maps chunk ch of its parent's files. */
 static void
-forget_parent_chunk(prmem_chunk *ch)
+forget_parent_chunk(const prmem_chunk *ch)
 {
     if (!ch->shared_with_parent)
         return;
-    ch->shared_with_parent = 0;
+    META_SET(ch->shared_with_parent, 0);
     pthread_mutex_lock(&sharers_lock);
     if (chunks_shared_with_parent > 0 && --chunks_shared_with_parent == 0) {
         for (int i = 0; i < nlinks; i++)
@@ -214,10 +214,10 @@ forget_parent_chunk(prmem_chunk *ch)
 /* Does some other process map the file of chunk ch (and might it write
  * there or see our writes)?  Clears the marks that no longer hold. */
 static int
-chunk_still_shared(prmem_chunk *ch)
+chunk_still_shared(const prmem_chunk *ch)
 {
     if (ch->shared_gen != 0 && !children_share(ch->shared_gen))
-        ch->shared_gen = 0;
+        META_SET(ch->shared_gen, 0ULL);
     return ch->shared_gen != 0 || ch->shared_with_parent;
 }
 
@@ -233,7 +233,11 @@ chunk_still_shared(prmem_chunk *ch)
 static int
 copy_away(PoolObject *pool, size_t ci, prmem_error *e)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
+    /* the copy reads the file the chunk names: it must still be the one
+     * recorded at creation */
+    if (ch->fd >= 0 && prmem_check_backing(pool, ch, e) < 0)
+        return -1;
     const char *what = "memfd_create";
     int fd = prmem_new_backing(pool, ch->kind);
     if (fd < 0)
@@ -278,18 +282,23 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         madvise(ch->base + ch->used, ch->size - ch->used, MADV_DONTDUMP);
     struct stat st;
     if (fstat(fd, &st) == 0) {
-        ch->dev = st.st_dev;
-        ch->ino = st.st_ino;
+        META_SET(ch->dev, st.st_dev);
+        META_SET(ch->ino, st.st_ino);
     }
     close(ch->fd);
-    ch->fd = fd;
+    META_SET(ch->fd, fd);
     return 0;
 fail_mapped:
     /* the used part is the copy now; keep it and its descriptor */
     {
         int err = errno;
+        struct stat st2;
+        if (fstat(fd, &st2) == 0) {
+            META_SET(ch->dev, st2.st_dev);
+            META_SET(ch->ino, st2.st_ino);
+        }
         close(ch->fd);
-        ch->fd = fd;
+        META_SET(ch->fd, fd);
         return prmem_fail_os(e, what, err);
     }
 fail:
@@ -308,12 +317,12 @@ fail:
 PRMEM_INTERNAL int
 prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e)
 {
-    prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (!prmem_chunk_is_shared(ch) || !chunk_still_shared(ch))
         return 0;
     if (copy_away(pool, ci, e) < 0)
         return -1;
-    ch->shared_gen = 0;
+    META_SET(ch->shared_gen, 0ULL);
     forget_parent_chunk(ch);
     return 0;
 }
@@ -321,14 +330,14 @@ prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e)
 PRMEM_INTERNAL void
 prmem_pool_unshare_for_release(PoolObject *pool)
 {
-    for (size_t ci = 0; ci < pool->nchunks; ci++) {
-        prmem_chunk *ch = &pool->chunks[ci];
+    for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
+        const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!prmem_chunk_is_shared(ch))
             continue;
         /* Released without a copy; only zeroed (hole punched) if no other
          * process maps the file: keep_data tells prmem_pool_release. */
-        ch->keep_data = chunk_still_shared(ch);
-        ch->shared_gen = 0;
+        META_SET(ch->keep_data, chunk_still_shared(ch));
+        META_SET(ch->shared_gen, 0ULL);
         forget_parent_chunk(ch);
     }
 }
@@ -338,11 +347,11 @@ prmem_pool_unshare_for_release(PoolObject *pool)
 PRMEM_INTERNAL int
 prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci)
 {
-    const prmem_chunk *ch = &pool->chunks[ci];
+    const prmem_chunk *ch = &pool->m->chunks[ci];
     if (!prmem_enforce || ch->sealed || ch->fd < 0 || ch->kind == PRMEM_BACKING_SECRET)
         return 0;
-    for (size_t i = 0; i < pool->nareas; i++)
-        if (pool->areas[i].chunk == ci && pool->areas[i].state == PRMEM_WRITABLE)
+    for (size_t i = 0; i < pool->m->nareas; i++)
+        if (pool->m->areas[i].chunk == ci && pool->m->areas[i].state == PRMEM_WRITABLE)
             return 0;
     return 1;
 }

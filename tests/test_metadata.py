@@ -189,11 +189,18 @@ class MetadataMachine(RuleBasedStateMachine):
     def metadata_read_only(self):
         maps = metadata_mappings()
         assert maps and all(p == "r--s" for _, _, p in maps), maps
-        for pool, allocs, _, destroyed in self.pools:
+        for pool, allocs, protected, destroyed in self.pools:
             addr = pool._metadata_address()
             assert any(s <= addr < e for s, e, _ in maps)
+            chunks, areas = pool._metadata_tables()
+            for t in (chunks, areas):  # the tables are metadata too
+                assert t == 0 or any(s <= t < e for s, e, _ in maps)
             if not destroyed:
                 assert pool.stats().allocations == len(allocs)
+                assert (chunks != 0) == (pool.stats().areas > 0)
+                for a in allocs:  # protected tables and model agree on states
+                    assert a.state == (prmem.State.WRITABLE if not protected and
+                                       pool.mode != Mode.START_WR else a.state)
 
     def teardown(self):
         for pool, allocs, _, destroyed in self.pools:
