@@ -184,13 +184,7 @@ privatize_chunk(PoolObject *pool, size_t ci)
     prmem_advise(pool, ch, ch->base, ch->size);
     if (pool->m->mlock_areas && ch->used > 0)
         mlock(ch->base, ch->used);
-    struct stat st;
-    if (fstat(fd, &st) == 0) {
-        META_SET(ch->dev, st.st_dev);
-        META_SET(ch->ino, st.st_ino);
-    }
-    close(ch->fd);
-    META_SET(ch->fd, fd);
+    prmem_chunk_adopt_fd(ch, fd);
     return 0;
 fail:
     close(fd);

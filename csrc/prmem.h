@@ -474,6 +474,7 @@ PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
  * no Python API (prmem_chunk_unshare may run without the GIL). */
 PRMEM_INTERNAL int prmem_new_backing(const PoolObject *pool, int kind);
 PRMEM_INTERNAL int prmem_copy_chunk_contents(const prmem_chunk *ch, int fd);
+PRMEM_INTERNAL void prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd);
 PRMEM_INTERNAL int prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e);
 PRMEM_INTERNAL void prmem_pool_unshare_for_release(PoolObject *pool);
 PRMEM_INTERNAL int prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci);

@@ -230,6 +230,25 @@ chunk_still_shared(const prmem_chunk *ch)
  * and moved over the used part in one mremap(), so every read sees the
  * same bytes throughout.  On failure nothing has changed.
  */
+
+/* Chunk ch now lives in the new file fd, mapped in place of the old one:
+ * record its identity (what verify() and the descriptor checks compare
+ * with), close the old descriptor and keep fd.  Used by copy_away() here
+ * and by fork.c's eager copy in the child. */
+PRMEM_INTERNAL void
+prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd)
+{
+    struct stat st;
+    int errsave = errno;
+    if (fstat(fd, &st) == 0) {
+        META_SET(ch->dev, st.st_dev);
+        META_SET(ch->ino, st.st_ino);
+    }
+    close(ch->fd);
+    META_SET(ch->fd, fd);
+    errno = errsave;
+}
+
 static int
 copy_away(PoolObject *pool, size_t ci, prmem_error *e)
 {
@@ -280,25 +299,13 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
     }
     if (pool->m->dontdump && !pool->m->noaccess && ch->size > ch->used)
         madvise(ch->base + ch->used, ch->size - ch->used, MADV_DONTDUMP);
-    struct stat st;
-    if (fstat(fd, &st) == 0) {
-        META_SET(ch->dev, st.st_dev);
-        META_SET(ch->ino, st.st_ino);
-    }
-    close(ch->fd);
-    META_SET(ch->fd, fd);
+    prmem_chunk_adopt_fd(ch, fd);
     return 0;
 fail_mapped:
     /* the used part is the copy now; keep it and its descriptor */
     {
         int err = errno;
-        struct stat st2;
-        if (fstat(fd, &st2) == 0) {
-            META_SET(ch->dev, st2.st_dev);
-            META_SET(ch->ino, st2.st_ino);
-        }
-        close(ch->fd);
-        META_SET(ch->fd, fd);
+        prmem_chunk_adopt_fd(ch, fd);
         return prmem_fail_os(e, what, err);
     }
 fail:

@@ -61,9 +61,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import prmem
 
 from .. import peers
-from ..harness import (Budget, CpuLoadProbe, RunContext, batch_loop, child_env, gc_paused,
-                       minor_faults, perf_ns, ratio, read_sysctl, smaps_range,
-                       summarize)
+from ..harness import (Budget, CpuLoadProbe, RunContext, _bracketed, batch_loop, child_env,
+                       gc_paused, minor_faults, perf_ns, ratio, smaps_range, summarize)
 from ..report import (fmt_num, fmt_ratio, fmt_target_value, md_table, save_figure,
                       targets_table)
 
@@ -171,16 +170,6 @@ def _fill_buffer(obj: Any, size: int) -> None:
     cbuf = (ctypes.c_char * size).from_buffer(obj)
     ctypes.memset(cbuf, FILL, size)
     del cbuf  # the export ends here: mmap.close() refuses while it lives
-
-
-def _thp_mode(name: str) -> Optional[str]:
-    text = read_sysctl(f"/sys/kernel/mm/transparent_hugepage/{name}")
-    if text is None:
-        return None
-    for word in text.split():
-        if word.startswith("[") and word.endswith("]"):
-            return word[1:-1]
-    return text
 
 
 # ------------------------------------------------------------------ 1. fork
@@ -1026,7 +1015,9 @@ def run(ctx: RunContext) -> Dict[str, Any]:
                 + " of the CPU time: expect noisy ratios (the GIL and thread rows need both "
                 "CPUs)")
     _add_ratios(rows)
-    thp = {"shmem_enabled": _thp_mode("shmem_enabled"), "enabled": _thp_mode("enabled")}
+    thp_dir = "/sys/kernel/mm/transparent_hugepage"
+    thp = {"shmem_enabled": _bracketed(f"{thp_dir}/shmem_enabled"),
+           "enabled": _bracketed(f"{thp_dir}/enabled")}
     result = {"rows": rows, "info": info, "thp": thp, "section_errors": section_errors}
     result["targets"], result["ratios"] = _targets_and_ratios(rows, info)
     result["notes"] = _notes(rows, info, thp, section_errors)
