@@ -77,39 +77,133 @@
  * it loads the index and out after its last read of it, and uses nothing
  * but atomic loads, lock-free RMWs and reads of immutable memory.
  */
-typedef struct retired {
-    struct retired *next;
-} retired;
+/*
+ * Where it lives.  Every block of the registry -- ranges, leaves, index
+ * arrays, and the root block the handler starts from -- is prmem metadata
+ * (meta.c): allocated with prmem_meta_alloc(), mapped read-only, written
+ * only with prmem_meta_write() (pwrite on the metadata file), freed with
+ * prmem_meta_free().  A stray native store into the registry faults like
+ * one into a pool record.  The root's offset is in the metadata header, so
+ * the handler follows no pointer kept in ordinary memory.
+ *
+ * A pwrite() is not one atomic store: the kernel copies the bytes, and a
+ * reader running at the same time may in principle see a multi-byte value
+ * half written.  So:
+ *   - the published index pointer is never rewritten while a handler may
+ *     read it: the root holds two slots and a one-byte selector (a byte
+ *     cannot tear).  A writer fills the slot not selected, then flips the
+ *     selector; a slot is refilled only after a load of handlers_in_flight
+ *     read 0 after the flip that deselected it (the argument below, with
+ *     "block" read as "slot").  If a handler is still counted in (one
+ *     stuck, or crashed inside our report), the writer goes on anyway and
+ *     the next point covers it;
+ *   - the handler checks every pointer before it reads through it: the
+ *     block must lie inside the metadata range (always mapped, readable),
+ *     start with a header naming itself and carry the right magic, and
+ *     counts must fit the block.  A torn or stale value can only make the
+ *     report wrong or missing, never make the handler fault;
+ *   - the pool behind a range is named by its metadata record and serial,
+ *     not a PoolObject pointer: the handler reads only metadata.
+ * Fields changed in place (`end`, `sealed`, `destroyed`) are single words
+ * or bytes written with META_SET; a torn `end` is checked like the rest.
+ */
+typedef struct blk {
+    struct blk *next;            /* retired list link */
+    const void *self;            /* the block's own address */
+    uint64_t magic;
+    size_t size;                 /* as allocated */
+} blk;
+
+#define RANGE_MAGIC 0x65676e61726d7270ULL /* "prmrange" */
+#define LEAF_MAGIC 0x6661656c6d727270ULL
+#define INDEX_MAGIC 0x78646e696d727270ULL
+#define ROOT_MAGIC 0x746f6f726d727270ULL
 
 typedef struct {
-    retired link;                /* first: a retired block is freed as is */
+    blk h;
     uintptr_t start;             /* fixed */
-    uintptr_t end;               /* atomic; only shrinks */
-    PoolObject *pool;            /* atomic; NULL once the pool is destroyed */
+    uintptr_t end;               /* only shrinks */
+    const prmem_pool_meta *m;    /* the pool's record, valid while its serial */
+    unsigned long long serial;   /* matches (the record may be reused) */
     int mode;                    /* fixed */
-    int sealed;                  /* atomic; 0 -> 1 */
+    uint8_t sealed;              /* 0 -> 1 */
+    uint8_t destroyed;           /* 0 -> 1 */
     char name[NAME_LEN];         /* fixed, NUL-terminated */
 } fault_range;
 
 typedef struct {
-    retired link;
+    blk h;
     size_t n;                    /* 1..LEAF_MAX */
-    fault_range *r[LEAF_MAX];    /* sorted by start */
+    const fault_range *r[LEAF_MAX]; /* sorted by start */
 } range_leaf;
 
-typedef struct {
-    retired link;
+typedef struct range_index {
+    blk h;
     size_t nleaves;
-    range_leaf *leaves[];        /* sorted; every leaf has n >= 1 */
+    const range_leaf *leaves[];  /* sorted; every leaf has n >= 1 */
 } range_index;
 
-static range_index *published;   /* atomic; NULL: no ranges */
+typedef struct {
+    blk h;
+    const range_index *slot[2];  /* NULL: no ranges */
+    uint8_t which;               /* the published slot */
+    blk *retired;                /* retired blocks, to free (ranges_lock) */
+} fault_root;
+
 static int handlers_in_flight;   /* atomic */
-static retired *retired_list;    /* ranges_lock */
+static int slot_in_use[2];       /* ranges_lock: a handler may read the slot */
 /* ranges marked empty in place because removing them failed for lack of
  * memory; they are purged before any range is added (ranges_lock) */
 static int need_purge;
 static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The block at p, if it is one of the registry's with this magic and at
+ * least n bytes; otherwise NULL.  Async-signal-safe: reads only the
+ * metadata range, after checking that p lies in it. */
+static const void *
+checked(const void *p, size_t n, uint64_t magic)
+{
+    const blk *b = p;
+    if (((uintptr_t)p & 7) != 0 || !prmem_meta_contains(p, sizeof(blk)))
+        return NULL;
+    size_t size = b->size;
+    if (b->self != p || b->magic != magic || size < n || !prmem_meta_contains(p, size))
+        return NULL;
+    return p;
+}
+
+static const fault_root *
+root_block(void)
+{
+    return checked(prmem_meta_fault_root(0), sizeof(fault_root), ROOT_MAGIC);
+}
+
+static const range_index *
+current_index(void)
+{
+    const fault_root *root = root_block();
+    if (root == NULL)
+        return NULL;
+    uint8_t w = __atomic_load_n(&root->which, __ATOMIC_SEQ_CST) & 1;
+    const range_index *ix = __atomic_load_n(&root->slot[w], __ATOMIC_RELAXED);
+    ix = checked(ix, sizeof(range_index), INDEX_MAGIC);
+    if (ix != NULL && ix->nleaves > (ix->h.size - sizeof(range_index)) / sizeof(ix->leaves[0]))
+        return NULL;
+    return ix;
+}
+
+static const range_leaf *
+leaf_at(const range_index *ix, size_t i)
+{
+    const range_leaf *leaf = checked(ix->leaves[i], sizeof(range_leaf), LEAF_MAGIC);
+    return leaf != NULL && leaf->n >= 1 && leaf->n <= LEAF_MAX ? leaf : NULL;
+}
+
+static const fault_range *
+range_at(const range_leaf *leaf, size_t i)
+{
+    return checked(leaf->r[i], sizeof(fault_range), RANGE_MAGIC);
+}
 
 static int report_enabled = 1;
 static int handler_installed;
@@ -159,14 +253,20 @@ put_hex(uintptr_t v)
     put(p);
 }
 
-/* Number of ranges in r[0..n) whose start is <= addr (they are sorted). */
+/* Number of ranges of leaf whose start is <= addr (they are sorted);
+ * *bad set if a block does not check out. */
 static size_t
-count_at_or_below(fault_range *const *r, size_t n, uintptr_t addr)
+count_at_or_below(const range_leaf *leaf, uintptr_t addr, int *bad)
 {
-    size_t lo = 0, hi = n;
+    size_t lo = 0, hi = leaf->n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (r[mid]->start <= addr)
+        const fault_range *r = range_at(leaf, mid);
+        if (r == NULL) {
+            *bad = 1;
+            return 0;
+        }
+        if (r->start <= addr)
             lo = mid + 1;
         else
             hi = mid;
@@ -176,12 +276,18 @@ count_at_or_below(fault_range *const *r, size_t n, uintptr_t addr)
 
 /* Number of leaves whose first range starts at or below addr. */
 static size_t
-leaves_at_or_below(const range_index *ix, uintptr_t addr)
+leaves_at_or_below(const range_index *ix, uintptr_t addr, int *bad)
 {
     size_t lo = 0, hi = ix->nleaves;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (ix->leaves[mid]->r[0]->start <= addr)
+        const range_leaf *leaf = leaf_at(ix, mid);
+        const fault_range *r = leaf != NULL ? range_at(leaf, 0) : NULL;
+        if (r == NULL) {
+            *bad = 1;
+            return 0;
+        }
+        if (r->start <= addr)
             lo = mid + 1;
         else
             hi = mid;
@@ -190,15 +296,17 @@ leaves_at_or_below(const range_index *ix, uintptr_t addr)
 }
 
 /* The range containing addr, in O(log n); async-signal-safe. */
-static fault_range *
+static const fault_range *
 find_range(const range_index *ix, uintptr_t addr)
 {
-    size_t li = ix != NULL ? leaves_at_or_below(ix, addr) : 0;
-    if (li == 0)
+    int bad = 0;
+    size_t li = ix != NULL ? leaves_at_or_below(ix, addr, &bad) : 0;
+    if (li == 0 || bad)
         return NULL;
-    const range_leaf *leaf = ix->leaves[li - 1];
-    fault_range *r = leaf->r[count_at_or_below(leaf->r, leaf->n, addr) - 1];
-    return addr < __atomic_load_n(&r->end, __ATOMIC_RELAXED) ? r : NULL;
+    const range_leaf *leaf = leaf_at(ix, li - 1);
+    size_t k = leaf != NULL ? count_at_or_below(leaf, addr, &bad) : 0;
+    const fault_range *r = k > 0 && !bad ? range_at(leaf, k - 1) : NULL;
+    return r != NULL && addr < __atomic_load_n(&r->end, __ATOMIC_RELAXED) ? r : NULL;
 }
 
 /* 1 if the faulting access was a write, 0 a read, -1 unknown. */
@@ -216,19 +324,25 @@ fault_was_write(void *context)
 }
 
 static void
-report(fault_range *r, uintptr_t addr, int si_code, int is_write)
+report(const fault_range *r, uintptr_t addr, int si_code, int is_write)
 {
     /* The area tables are read without the pool lock: the process is about
-     * to die, and a torn read only makes the state/offset "unknown". */
+     * to die, and a torn read only makes the state/offset "unknown".  Only
+     * metadata is read, each pointer checked to lie in it first. */
     const char *state = __atomic_load_n(&r->sealed, __ATOMIC_RELAXED) ? "READ_ONLY" : "unknown";
     uintptr_t pool_offset = addr - r->start;
     int have_offset = 0;
-    PoolObject *pool = __atomic_load_n(&r->pool, __ATOMIC_RELAXED);
-    if (pool != NULL && pool->m->areas != NULL) {
-        size_t n = pool->m->nareas;
+    const prmem_pool_meta *m = __atomic_load_n(&r->m, __ATOMIC_RELAXED);
+    int alive = !__atomic_load_n(&r->destroyed, __ATOMIC_RELAXED) && prmem_meta_is_record(m) &&
+                m->serial == r->serial && !m->destroyed;
+    const prmem_pool_meta *pool = alive ? m : NULL;
+    const prmem_area *areas = pool != NULL ? pool->areas : NULL;
+    size_t n = pool != NULL ? pool->nareas : 0;
+    if (areas != NULL && n <= PRMEM_META_RESERVE / sizeof(*areas) &&
+        prmem_meta_contains(areas, n * sizeof(*areas))) {
         uintptr_t before = 0;
         for (size_t i = 0; i < n; i++) {
-            const prmem_area *a = &pool->m->areas[i];
+            const prmem_area *a = &areas[i];
             if ((uintptr_t)a->start <= addr && addr < (uintptr_t)a->start + a->size) {
                 state = prmem_state_name(a->state);
                 pool_offset = before + (addr - (uintptr_t)a->start);
@@ -241,8 +355,7 @@ report(fault_range *r, uintptr_t addr, int si_code, int is_write)
     if (si_code == SEGV_MAPERR)
         put("\nprmem: fatal access to prmem memory that is not mapped (unmapped by "
             "native code, or a prmem bug)\n");
-    else if (is_write == 0 && pool != NULL && prmem_pool_meta_ok(pool) &&
-             __atomic_load_n(&pool->m->noaccess, __ATOMIC_RELAXED))
+    else if (is_write == 0 && pool != NULL && __atomic_load_n(&pool->noaccess, __ATOMIC_RELAXED))
         put("\nprmem: fatal read of no-access memory (outside `with pool.access():`)\n");
     else if (is_write == 0)
         put("\nprmem: fatal read of inaccessible prmem memory\n");
@@ -317,8 +430,8 @@ segv_handler(int sig, siginfo_t *info, void *context)
     in_handler = 1;
     /* I and L, then D once the registry is no longer read (see above) */
     __atomic_fetch_add(&handlers_in_flight, 1, __ATOMIC_SEQ_CST);
-    const range_index *ix = __atomic_load_n(&published, __ATOMIC_SEQ_CST);
-    fault_range *r = info->si_code > 0 ? find_range(ix, (uintptr_t)info->si_addr) : NULL;
+    const range_index *ix = current_index();
+    const fault_range *r = info->si_code > 0 ? find_range(ix, (uintptr_t)info->si_addr) : NULL;
     if (r != NULL)
         report(r, (uintptr_t)info->si_addr, info->si_code, fault_was_write(context));
     __atomic_fetch_sub(&handlers_in_flight, 1, __ATOMIC_SEQ_CST);
@@ -434,26 +547,77 @@ uninstall_locked(void)
 
 /* The static functions from here on run with ranges_lock held. */
 
-static void
-retire(void *block)
+/* A new registry block of size bytes holding tmpl (whose header is filled
+ * in here), or NULL (out of metadata memory). */
+static void *
+new_block(const void *tmpl, size_t size, uint64_t magic)
 {
-    retired *b = block; /* every registry block starts with its link */
-    b->next = retired_list;
-    retired_list = b;
+    blk *b = prmem_meta_alloc(size);
+    if (b == NULL)
+        return NULL;
+    blk h = {NULL, b, magic, size};
+    prmem_meta_write(b, &h, sizeof(h));
+    if (size > sizeof(h))
+        prmem_meta_write((char *)b + sizeof(h), (const char *)tmpl + sizeof(h), size - sizeof(h));
+    return b;
+}
+
+static void
+free_block(const void *p)
+{
+    const blk *b = p;
+    prmem_meta_free((void *)b, b->size);
+}
+
+static fault_root *
+get_root(void)
+{
+    fault_root *root = prmem_meta_fault_root(sizeof(fault_root));
+    if (root != NULL && root->h.magic != ROOT_MAGIC) {
+        blk h = {NULL, root, ROOT_MAGIC, sizeof(fault_root)};
+        prmem_meta_write(root, &h, sizeof(h));
+    }
+    return root;
+}
+
+static const range_index *
+index_now(void)
+{
+    const fault_root *root = root_block();
+    return root != NULL ? root->slot[root->which & 1] : NULL;
+}
+
+static void
+retire(fault_root *root, const void *block)
+{
+    const blk *b = block; /* every registry block starts with its header */
+    META_SET(((blk *)b)->next, root->retired);
+    META_SET(root->retired, (blk *)b);
 }
 
 /* W and R of the comment at the top: publish ix, then free what was
  * retired if no handler can still be reading it. */
 static void
-publish(range_index *ix)
+publish(fault_root *root, const range_index *ix)
 {
-    __atomic_store_n(&published, ix, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&handlers_in_flight, __ATOMIC_SEQ_CST) != 0)
+    uint8_t cur = root->which & 1, next = cur ^ 1;
+    /* slot `next` was deselected by the last flip; slot_in_use says no
+     * load of the counter has read 0 since (see "Where it lives") */
+    if (slot_in_use[next] && __atomic_load_n(&handlers_in_flight, __ATOMIC_SEQ_CST) == 0)
+        slot_in_use[next] = 0;
+    META_SET(root->slot[next], ix);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    META_SET(root->which, next);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&handlers_in_flight, __ATOMIC_SEQ_CST) != 0) {
+        slot_in_use[cur] = 1;
         return; /* a later writer frees them */
-    while (retired_list != NULL) {
-        retired *b = retired_list;
-        retired_list = b->next;
-        free(b);
+    }
+    slot_in_use[cur] = 0;
+    while (root->retired != NULL) {
+        blk *b = root->retired;
+        META_SET(root->retired, b->next);
+        free_block(b);
     }
 }
 
@@ -462,46 +626,54 @@ publish(range_index *ix)
  * few leaves as fit.  -1 with errno ENOMEM, and nothing changed, if memory
  * runs out. */
 static int
-replace_leaves(size_t li, size_t nold, fault_range *const *seq, size_t nseq)
+replace_leaves(fault_root *root, size_t li, size_t nold, const fault_range *const *seq,
+               size_t nseq)
 {
-    range_index *old = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    const range_index *old = index_now();
     size_t nleaves = old ? old->nleaves : 0;
     size_t k = (nseq + LEAF_MAX - 1) / LEAF_MAX;
     size_t total = nleaves - nold + k;
-    range_index *ix = NULL;
+    const range_index *ix = NULL;
+    range_index *tmp = NULL;
     if (total > 0) {
-        ix = malloc(sizeof(*ix) + total * sizeof(ix->leaves[0]));
-        if (ix == NULL)
+        size_t size = sizeof(*tmp) + total * sizeof(tmp->leaves[0]);
+        tmp = calloc(1, size);
+        if (tmp == NULL)
             goto nomem;
-        ix->nleaves = total;
-        for (size_t i = 0; i < k; i++)
-            ix->leaves[li + i] = NULL;
+        tmp->nleaves = total;
         for (size_t i = 0; i < k; i++) {
-            range_leaf *leaf = malloc(sizeof(*leaf));
-            if (leaf == NULL)
-                goto nomem;
+            range_leaf leaf;
+            memset(&leaf, 0, sizeof(leaf));
             size_t from = i * nseq / k, to = (i + 1) * nseq / k;
-            leaf->n = to - from;
-            memcpy(leaf->r, seq + from, leaf->n * sizeof(seq[0]));
-            ix->leaves[li + i] = leaf;
+            leaf.n = to - from;
+            memcpy(leaf.r, seq + from, leaf.n * sizeof(seq[0]));
+            tmp->leaves[li + i] = new_block(&leaf, sizeof(leaf), LEAF_MAGIC);
+            if (tmp->leaves[li + i] == NULL)
+                goto nomem;
         }
         if (li > 0)
-            memcpy(ix->leaves, old->leaves, li * sizeof(ix->leaves[0]));
+            memcpy(tmp->leaves, old->leaves, li * sizeof(tmp->leaves[0]));
         if (nleaves > li + nold)
-            memcpy(ix->leaves + li + k, old->leaves + li + nold,
-                   (nleaves - li - nold) * sizeof(ix->leaves[0]));
+            memcpy(tmp->leaves + li + k, old->leaves + li + nold,
+                   (nleaves - li - nold) * sizeof(tmp->leaves[0]));
+        ix = new_block(tmp, size, INDEX_MAGIC);
+        if (ix == NULL)
+            goto nomem;
+        free(tmp);
     }
     for (size_t i = 0; i < nold; i++)
-        retire(old->leaves[li + i]);
+        retire(root, old->leaves[li + i]);
     if (old != NULL)
-        retire(old);
-    publish(ix);
+        retire(root, old);
+    publish(root, ix);
     return 0;
 nomem:
-    if (ix != NULL) {
-        for (size_t i = 0; i < k; i++)
-            free(ix->leaves[li + i]);
-        free(ix);
+    if (tmp != NULL) {
+        for (size_t i = 0; i < k; i++) {
+            if (tmp->leaves[li + i] != NULL)
+                free_block(tmp->leaves[li + i]);
+        }
+        free(tmp);
     }
     errno = ENOMEM;
     return -1;
@@ -512,17 +684,18 @@ nomem:
 static void
 locate(const range_index *ix, uintptr_t start, size_t *li, size_t *pos)
 {
-    size_t lo = leaves_at_or_below(ix, start);
+    int bad = 0;
+    size_t lo = leaves_at_or_below(ix, start, &bad);
     *li = lo > 0 ? lo - 1 : 0;
     const range_leaf *leaf = ix->leaves[*li];
-    size_t below = count_at_or_below(leaf->r, leaf->n, start);
+    size_t below = count_at_or_below(leaf, start, &bad);
     *pos = below > 0 && leaf->r[below - 1]->start == start ? below - 1 : below;
 }
 
-static fault_range *
+static const fault_range *
 lookup_start(char *start, size_t *li, size_t *pos)
 {
-    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    const range_index *ix = index_now();
     if (ix == NULL)
         return NULL;
     locate(ix, (uintptr_t)start, li, pos);
@@ -532,54 +705,52 @@ lookup_start(char *start, size_t *li, size_t *pos)
 
 /* Rebuild the index without the ranges remove_range() emptied in place. */
 static int
-purge(void)
+purge(fault_root *root)
 {
-    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    const range_index *ix = index_now();
     size_t n = 0;
     for (size_t i = 0; i < ix->nleaves; i++)
         n += ix->leaves[i]->n;
-    fault_range **seq = malloc(n * sizeof(*seq));
-    if (seq == NULL) {
+    const fault_range **seq = malloc(n * sizeof(*seq));
+    const fault_range **empty = malloc(n * sizeof(*empty));
+    if (seq == NULL || empty == NULL) {
+        free(seq);
+        free(empty);
         errno = ENOMEM;
         return -1;
     }
-    size_t kept = 0;
-    fault_range *empty = NULL;
+    size_t kept = 0, nempty = 0;
     for (size_t i = 0; i < ix->nleaves; i++) {
         for (size_t j = 0; j < ix->leaves[i]->n; j++) {
-            fault_range *r = ix->leaves[i]->r[j];
+            const fault_range *r = ix->leaves[i]->r[j];
             if (r->end > r->start)
                 seq[kept++] = r;
-            else {
-                r->link.next = (retired *)empty; /* not yet retired: a list */
-                empty = r;
-            }
+            else
+                empty[nempty++] = r;
         }
     }
-    int rc = replace_leaves(0, ix->nleaves, seq, kept);
+    int rc = replace_leaves(root, 0, ix->nleaves, seq, kept);
     free(seq);
-    if (rc < 0)
-        return -1;
-    while (empty != NULL) {
-        fault_range *next = (fault_range *)empty->link.next;
-        retire(empty);
-        empty = next;
+    if (rc == 0) {
+        for (size_t i = 0; i < nempty; i++)
+            retire(root, empty[i]);
+        need_purge = 0;
     }
-    need_purge = 0;
-    return 0;
+    free(empty);
+    return rc;
 }
 
 /* Take the range at start out of the registry (it covers nothing now). */
 static void
-remove_range(char *start)
+remove_range(fault_root *root, char *start)
 {
     size_t li, pos;
-    fault_range *r = lookup_start(start, &li, &pos);
+    const fault_range *r = lookup_start(start, &li, &pos);
     if (r == NULL)
         return;
-    range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
+    const range_index *ix = index_now();
     const range_leaf *leaf = ix->leaves[li];
-    fault_range *seq[LEAF_MAX];
+    const fault_range *seq[LEAF_MAX];
     size_t n = 0;
     for (size_t j = 0; j < leaf->n; j++) {
         if (j != pos)
@@ -601,15 +772,15 @@ remove_range(char *start)
         first = li - 1;
         nold = 2;
     }
-    __atomic_store_n(&r->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
-    if (replace_leaves(first, nold, seq, n) == 0) {
-        retire(r);
+    META_SET(((fault_range *)r)->destroyed, (uint8_t)1);
+    if (replace_leaves(root, first, nold, seq, n) == 0) {
+        retire(root, r);
         return;
     }
     /* Out of memory: leave it in place but covering nothing, so a lookup
      * cannot match it (its address may be mapped again by anyone), and
      * purge it before the next range comes in. */
-    __atomic_store_n(&r->end, r->start, __ATOMIC_RELAXED);
+    META_SET(((fault_range *)r)->end, r->start);
     need_purge = 1;
 }
 
@@ -618,16 +789,13 @@ remove_range(char *start)
 PRMEM_INTERNAL int
 prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
-    fault_range *r = malloc(sizeof(*r));
-    if (r == NULL) {
-        errno = ENOMEM;
-        return -1;
-    }
-    r->start = (uintptr_t)start;
-    r->end = (uintptr_t)start + size;
-    r->pool = pool;
-    r->mode = pool->m->mode;
-    r->sealed = 0;
+    fault_range tmpl;
+    memset(&tmpl, 0, sizeof(tmpl));
+    tmpl.start = (uintptr_t)start;
+    tmpl.end = (uintptr_t)start + size;
+    tmpl.m = pool->m;
+    tmpl.serial = pool->serial;
+    tmpl.mode = pool->m->mode;
     /* truncated on a UTF-8 character boundary */
     const char *name = pool->cname != NULL ? pool->cname : "?";
     size_t len = strlen(name);
@@ -636,14 +804,16 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
         while (len > 0 && ((unsigned char)name[len] & 0xc0) == 0x80)
             len--;
     }
-    memcpy(r->name, name, len);
-    r->name[len] = '\0';
+    memcpy(tmpl.name, name, len);
+    tmpl.name[len] = '\0';
 
     pthread_mutex_lock(&ranges_lock);
-    int rc = need_purge ? purge() : 0;
+    fault_root *root = get_root();
+    const fault_range *r = root != NULL ? new_block(&tmpl, sizeof(tmpl), RANGE_MAGIC) : NULL;
+    int rc = r == NULL ? -1 : need_purge ? purge(root) : 0;
     if (rc == 0) {
-        range_index *ix = __atomic_load_n(&published, __ATOMIC_RELAXED);
-        fault_range *seq[LEAF_MAX + 1], *stale = NULL;
+        const range_index *ix = index_now();
+        const fault_range *seq[LEAF_MAX + 1], *stale = NULL;
         size_t li = 0, pos = 0, n = 0;
         if (ix != NULL) {
             locate(ix, r->start, &li, &pos);
@@ -659,34 +829,38 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
             n -= skip;
         }
         seq[pos] = r;
-        rc = replace_leaves(li, ix != NULL, seq, n + 1);
+        rc = replace_leaves(root, li, ix != NULL, seq, n + 1);
         if (rc == 0 && stale != NULL) {
-            __atomic_store_n(&stale->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
-            retire(stale);
+            META_SET(((fault_range *)stale)->destroyed, (uint8_t)1);
+            retire(root, stale);
         }
     }
+    if (rc < 0 && r != NULL)
+        free_block(r);
     pthread_mutex_unlock(&ranges_lock);
-    if (rc < 0) {
-        free(r);
+    if (rc < 0)
         errno = ENOMEM;
-    }
     return rc;
 }
 
 /* The chunk at start is sealed and now only `size` bytes long (its tail was
- * unmapped and may be reused by other mappings). */
+ * unmapped and may be reused by other mappings).  In a fork()ed child whose
+ * metadata is frozen (meta.c) the registry is frozen with it. */
 PRMEM_INTERNAL void
 prmem_fault_sealed(char *start, size_t size)
 {
     size_t li, pos;
+    if (prmem_meta_frozen())
+        return;
     pthread_mutex_lock(&ranges_lock);
-    fault_range *r = lookup_start(start, &li, &pos);
+    fault_root *root = get_root();
+    const fault_range *r = root != NULL ? lookup_start(start, &li, &pos) : NULL;
     if (r != NULL && size == 0) {
-        remove_range(start); /* nothing of it is mapped any more */
+        remove_range(root, start); /* nothing of it is mapped any more */
     }
     else if (r != NULL) {
-        __atomic_store_n(&r->sealed, 1, __ATOMIC_RELAXED);
-        __atomic_store_n(&r->end, (uintptr_t)start + size, __ATOMIC_RELAXED);
+        META_SET(((fault_range *)r)->sealed, (uint8_t)1);
+        META_SET(((fault_range *)r)->end, (uintptr_t)start + size);
     }
     pthread_mutex_unlock(&ranges_lock);
 }
@@ -698,10 +872,12 @@ PRMEM_INTERNAL void
 prmem_fault_orphan(char *start)
 {
     size_t li, pos;
+    if (prmem_meta_frozen())
+        return;
     pthread_mutex_lock(&ranges_lock);
-    fault_range *r = lookup_start(start, &li, &pos);
+    const fault_range *r = lookup_start(start, &li, &pos);
     if (r != NULL)
-        __atomic_store_n(&r->pool, (PoolObject *)NULL, __ATOMIC_RELAXED);
+        META_SET(((fault_range *)r)->destroyed, (uint8_t)1);
     pthread_mutex_unlock(&ranges_lock);
 }
 
@@ -709,9 +885,27 @@ prmem_fault_orphan(char *start)
 PRMEM_INTERNAL void
 prmem_fault_unregister(char *start)
 {
+    if (prmem_meta_frozen())
+        return;
     pthread_mutex_lock(&ranges_lock);
-    remove_range(start);
+    fault_root *root = get_root();
+    if (root != NULL)
+        remove_range(root, start);
     pthread_mutex_unlock(&ranges_lock);
+}
+
+/* prmem._core._fault_registry_address() (tests only): the root block. */
+PRMEM_INTERNAL PyObject *
+prmem_fault_registry_address(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    pthread_mutex_lock(&ranges_lock);
+    fault_root *root = prmem_meta_frozen() ? NULL : get_root();
+    pthread_mutex_unlock(&ranges_lock);
+    if (root == NULL)
+        return PyErr_NoMemory();
+    return PyLong_FromVoidPtr(root);
 }
 
 /* Called whenever memory becomes protected: the report is on by default
@@ -758,7 +952,7 @@ prmem_fault_report(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             prepare_tracebacks();
         pthread_mutex_lock(&ranges_lock);
         report_enabled = on;
-        int any = __atomic_load_n(&published, __ATOMIC_RELAXED) != NULL;
+        int any = index_now() != NULL;
         int rc = 0;
         int drop_faulthandler = 0;
         if (!on) {

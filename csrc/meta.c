@@ -56,6 +56,8 @@ struct meta_header {
     size_t heap_free[NCLASSES];  /* offsets of free blocks per class, 0: none */
     size_t committed_rec;        /* fallocate()d up to here (offsets) */
     size_t committed_heap;
+    size_t fault_root;           /* fault.c's root block (offset), 0: none yet;
+                                  * set once, read by the SIGSEGV handler */
 };
 
 PRMEM_INTERNAL char *prmem_meta_base;
@@ -372,6 +374,27 @@ prmem_meta_grow(const void *const *array, const size_t *cap, size_t count, size_
     if (old != NULL)
         prmem_meta_free((void *)old, old_cap * item_size);
     return 0;
+}
+
+/* fault.c's root block: where the SIGSEGV handler starts reading the fault
+ * registry.  Its offset is kept in the header, so the handler follows no
+ * pointer from ordinary memory (only prmem_meta_base itself).  Allocated
+ * on first use (size bytes); NULL if none could be. */
+PRMEM_INTERNAL void *
+prmem_meta_fault_root(size_t size)
+{
+    if (prmem_meta_base == NULL)
+        return NULL;
+    size_t off = __atomic_load_n(&HDR->fault_root, __ATOMIC_RELAXED);
+    if (off != 0 || size == 0)
+        return off != 0 ? prmem_meta_base + off : NULL;
+    char *p = prmem_meta_alloc(size);
+    if (p == NULL)
+        return NULL;
+    pthread_mutex_lock(&meta_lock);
+    HSET(fault_root, (size_t)(p - prmem_meta_base));
+    pthread_mutex_unlock(&meta_lock);
+    return p;
 }
 
 PRMEM_INTERNAL int

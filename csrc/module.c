@@ -125,6 +125,8 @@ static PyMethodDef module_methods[] = {
      "rare_memset(dst, byte, offset=0, length=None) -> None\n\n"
      "Fill length bytes of dst from offset (default: to its end) with byte,\n"
      "with the same rules as rare_write()."},
+    {"_fault_registry_address", prmem_fault_registry_address, METH_NOARGS,
+     "_fault_registry_address() -> int (tests only): the fault registry's root block"},
     {"fault_report", (PyCFunction)(void (*)(void))prmem_fault_report, METH_FASTCALL,
      "fault_report(enabled=None) -> bool\n\n"
      "Switch the report printed when native code writes to protected prmem\n"

@@ -236,6 +236,9 @@ PRMEM_INTERNAL void prmem_meta_record_free(void *rec);
 PRMEM_INTERNAL void *prmem_meta_alloc(size_t n);    /* zeroed; NULL: no memory */
 PRMEM_INTERNAL void prmem_meta_free(void *p, size_t n);
 PRMEM_INTERNAL int prmem_meta_is_record(const void *p);
+/* fault.c's root block (allocated with size bytes on first use; size 0:
+ * only look it up), or NULL; async-signal-safe when size is 0 */
+PRMEM_INTERNAL void *prmem_meta_fault_root(size_t size);
 PRMEM_INTERNAL int prmem_meta_contains(const void *p, size_t n);
 PRMEM_INTERNAL void prmem_meta_fork_prepare(void);
 PRMEM_INTERNAL void prmem_meta_fork_parent(void);
@@ -578,6 +581,7 @@ PRMEM_INTERNAL void prmem_fault_orphan(char *start);
 PRMEM_INTERNAL void prmem_fault_unregister(char *start);
 PRMEM_INTERNAL void prmem_fault_protected(void);
 PRMEM_INTERNAL void prmem_fault_sync(void);
+PRMEM_INTERNAL PyObject *prmem_fault_registry_address(PyObject *module, PyObject *unused);
 PRMEM_INTERNAL PyObject *prmem_fault_report(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
 
