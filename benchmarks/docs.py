@@ -44,6 +44,12 @@ def _demote(markdown: str) -> str:
     return re.sub(r"^(#{2,5}) ", lambda m: "#" + m.group(1) + " ", markdown, flags=re.M)
 
 
+def _escape(markdown: str) -> str:
+    """Brackets as text: "m[a][b]" in a row label would read as a Markdown
+    reference link (and fail the strict docs build)."""
+    return markdown.replace("[", "\\[").replace("]", "\\]")
+
+
 def render(document: Dict[str, Any], key: str) -> str:
     """The Markdown of block ``key`` for run ``document``."""
     run = document["run"]
@@ -59,13 +65,13 @@ def render(document: Dict[str, Any], key: str) -> str:
         return machine_markdown(machine) + "\n"
     results = document["workloads"]
     if key == "targets":
-        return all_targets_markdown(results).split("\n", 2)[2]
+        return _escape(all_targets_markdown(results).split("\n", 2)[2])
     if key.startswith("workload:"):
         name = key.split(":", 1)[1]
         result = results.get(name)
         if result is None or "rows" not in result:
             return f"_The run has no results for `{name}`._\n"
-        return _demote(workload_markdown(WORKLOADS[name], result))
+        return _escape(_demote(workload_markdown(WORKLOADS[name], result)))
     raise KeyError(f"unknown generated block {key!r}")
 
 

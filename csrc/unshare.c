@@ -43,9 +43,6 @@
 #define MFD_CLOEXEC 0x0001U
 #define MFD_ALLOW_SEALING 0x0002U
 #endif
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
 
 /* ------------------------------------------------------- new backing */
 
@@ -274,9 +271,7 @@ copy_away(PoolObject *pool, size_t ci, prmem_error *e)
         if (copy == MAP_FAILED)
             goto fail;
         prmem_advise(pool, ch, copy, ch->used);
-        /* fill the page tables now, as the first read after protect() would */
-        if (prot == PROT_READ)
-            madvise(copy, ch->used, MADV_POPULATE_READ);
+        /* not populated: readers fault the pages in (see seal_memfd) */
         what = "mremap";
         if (mremap(copy, ch->used, ch->used, MREMAP_MAYMOVE | MREMAP_FIXED, ch->base) ==
             MAP_FAILED) {
