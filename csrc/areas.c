@@ -532,8 +532,7 @@ prmem_make_write_rare(PoolObject *pool, prmem_error *e)
         if (prmem_protect_range(pool->m->areas[i].start, (size_t)(end - pool->m->areas[i].start),
                                 prmem_protected_prot(pool)) < 0)
             return prmem_fail_os(e, "mprotect", errno);
-        for (size_t k = i; k < j; k++)
-            META_SET(pool->m->areas[k].state, (uint8_t)PRMEM_WRITE_RARE);
+        prmem_meta_set_area_states(pool->m->areas, i, j, PRMEM_WRITE_RARE);
         pool->protect_event = 1;
         i = j;
     }

@@ -33,6 +33,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -40,19 +41,56 @@
 #include <unistd.h>
 
 
+/*
+ * The registry of live pools is their records in prmem's write-rare
+ * metadata: a pool is registered while its record says so (registered),
+ * and the handlers find the pools by walking the records (owner checked
+ * against its record), never through links kept in ordinary memory, which
+ * a stray store could bend to leave a pool's writable memory shared with a
+ * child.  registry_lock orders registration against the handlers: a
+ * registered record is neither unregistered nor freed while it is held.
+ * A fork()ed child whose metadata is frozen (no file of its own, meta.c)
+ * cannot change a record: the pools it unregisters are remembered in
+ * `gone`, ordinary memory of that degraded child only.
+ */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static PoolObject *registry_head;
+#define MAX_GONE 4096
+static const prmem_pool_meta *gone[MAX_GONE];
+static size_t ngone;
+
+static int
+is_gone(const prmem_pool_meta *m)
+{
+    for (size_t i = 0; i < ngone; i++)
+        if (gone[i] == m)
+            return 1;
+    return 0;
+}
+
+/* The next registered pool from record *cursor on; NULL after the last. */
+static PoolObject *
+next_pool(size_t *cursor)
+{
+    const prmem_pool_meta *m;
+    while ((m = prmem_meta_record_at((*cursor)++)) != NULL) {
+        /* the flag first: a free record's first word is a free-list link */
+        if (!m->registered || m->owner == NULL || is_gone(m))
+            continue;
+        PoolObject *p = (PoolObject *)m->owner;
+        if (p->m == m && prmem_pool_meta_ok(p))
+            return p;
+    }
+    return NULL;
+}
+
+#define FOR_EACH_POOL(p) for (size_t cur_ = 0; ((p) = next_pool(&cur_)) != NULL;)
 
 PRMEM_INTERNAL void
 prmem_registry_add(PoolObject *pool)
 {
     pthread_mutex_lock(&registry_lock);
-    pool->reg_prev = NULL;
-    pool->reg_next = registry_head;
-    if (registry_head != NULL)
-        registry_head->reg_prev = pool;
-    registry_head = pool;
-    pool->registered = 1;
+    if (prmem_pool_meta_ok(pool) && !prmem_meta_frozen()) /* frozen: no new pools */
+        META_SET(pool->m->registered, 1);
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -60,14 +98,21 @@ PRMEM_INTERNAL void
 prmem_registry_remove(PoolObject *pool)
 {
     pthread_mutex_lock(&registry_lock);
-    if (pool->registered) {
-        if (pool->reg_prev != NULL)
-            pool->reg_prev->reg_next = pool->reg_next;
-        else
-            registry_head = pool->reg_next;
-        if (pool->reg_next != NULL)
-            pool->reg_next->reg_prev = pool->reg_prev;
-        pool->registered = 0;
+    if (prmem_pool_meta_ok(pool) && pool->m->registered) {
+        if (!prmem_meta_frozen())
+            META_SET(pool->m->registered, 0);
+        else if (!is_gone(pool->m)) {
+            if (ngone == MAX_GONE) {
+                /* cannot remember it: a later fork() would follow a freed
+                 * pool; fail closed */
+                static const char msg[] = "prmem: too many pools destroyed in a fork()ed "
+                                          "child without metadata of its own; aborting\n";
+                ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+                (void)ignored;
+                abort();
+            }
+            gone[ngone++] = pool->m;
+        }
     }
     pthread_mutex_unlock(&registry_lock);
 }
@@ -98,7 +143,8 @@ copied_at_fork(PoolObject *p, size_t ci)
 static int
 anything_to_copy(void)
 {
-    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
+    PoolObject *p;
+    FOR_EACH_POOL(p) {
         if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->m->nchunks; ci++)
@@ -112,7 +158,8 @@ static void
 prepare(void)
 {
     pthread_mutex_lock(&registry_lock);
-    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
+    PoolObject *p;
+    FOR_EACH_POOL(p)
         pthread_mutex_lock(&p->lock);
     lazy = prmem_lazy_fork_prepare();
     if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
@@ -123,7 +170,8 @@ prepare(void)
 static void
 unlock_all(void)
 {
-    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next)
+    PoolObject *p;
+    FOR_EACH_POOL(p)
         pthread_mutex_unlock(&p->lock);
     pthread_mutex_unlock(&registry_lock);
 }
@@ -133,7 +181,10 @@ parent(void)
 {
     prmem_meta_fork_parent();
     unsigned long long gen = prmem_lazy_fork_parent(lazy);
-    for (PoolObject *p = registry_head; gen != 0 && p != NULL; p = p->reg_next) {
+    PoolObject *p;
+    FOR_EACH_POOL(p) {
+        if (gen == 0)
+            break;
         if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->m->nchunks; ci++)
@@ -289,7 +340,8 @@ child(void)
     size_t nshared = 0;
     prmem_meta_fork_child(); /* first: this process's metadata is its own */
     int frozen = prmem_meta_frozen() != 0;
-    for (PoolObject *p = registry_head; p != NULL; p = p->reg_next) {
+    PoolObject *p;
+    FOR_EACH_POOL(p) {
         if (!p->m->ready || p->m->destroyed)
             continue;
         for (size_t ci = 0; ci < p->m->nchunks; ci++) {

@@ -408,6 +408,31 @@ prmem_meta_is_record(const void *p)
            off < __atomic_load_n(&HDR->rec_top, __ATOMIC_RELAXED);
 }
 
+PRMEM_INTERNAL void
+prmem_meta_set_area_states(const prmem_area *areas, size_t from, size_t to, uint8_t state)
+{
+    prmem_area buf[128];
+    while (from < to) {
+        size_t n = to - from < 128 ? to - from : 128;
+        memcpy(buf, areas + from, n * sizeof(prmem_area));
+        for (size_t k = 0; k < n; k++)
+            buf[k].state = state;
+        prmem_meta_write((void *)(areas + from), buf, n * sizeof(prmem_area));
+        from += n;
+    }
+}
+
+PRMEM_INTERNAL const prmem_pool_meta *
+prmem_meta_record_at(size_t i)
+{
+    if (prmem_meta_base == NULL)
+        return NULL;
+    size_t top = __atomic_load_n(&HDR->rec_top, __ATOMIC_RELAXED);
+    if (top < RECORDS || i >= (top - RECORDS) / PRMEM_META_RECORD)
+        return NULL;
+    return (const prmem_pool_meta *)(prmem_meta_base + RECORDS + i * PRMEM_META_RECORD);
+}
+
 PRMEM_INTERNAL int
 prmem_meta_contains(const void *p, size_t n)
 {

@@ -208,6 +208,7 @@ typedef struct prmem_pool_meta {
     int destroy_pending;    /* destroy as soon as the last view and handle go */
     int attached;           /* memory received from another process (share.c) */
     int noaccess;           /* no-access pool (access.c) */
+    int registered;         /* live: the fork() handlers see it (fork.c) */
     int fork_errno;         /* the child could not get a private copy */
     int broken_errno;       /* a failed re-map could not be undone: unusable */
     size_t refill;          /* minimum area size, page-rounded */
@@ -236,6 +237,14 @@ PRMEM_INTERNAL void prmem_meta_record_free(void *rec);
 PRMEM_INTERNAL void *prmem_meta_alloc(size_t n);    /* zeroed; NULL: no memory */
 PRMEM_INTERNAL void prmem_meta_free(void *p, size_t n);
 PRMEM_INTERNAL int prmem_meta_is_record(const void *p);
+/* Record slot i (0, 1, ...) of those handed out so far, or NULL past the
+ * last; free slots included (zeroed but for their free-list link). */
+PRMEM_INTERNAL const prmem_pool_meta *prmem_meta_record_at(size_t i);
+/* The state of areas[from, to) of a table in metadata, one pwrite() per
+ * 128 areas (protect() of a pool of thousands of areas would otherwise
+ * make one per area). */
+PRMEM_INTERNAL void prmem_meta_set_area_states(const prmem_area *areas, size_t from,
+                                               size_t to, uint8_t state);
 /* fault.c's root block (allocated with size bytes on first use; size 0:
  * only look it up), or NULL; async-signal-safe when size is 0 */
 PRMEM_INTERNAL void *prmem_meta_fault_root(size_t size);
@@ -287,9 +296,6 @@ typedef struct PoolObject {
     Py_ssize_t wexports;    /* writable buffer views alive */
     Py_ssize_t pins;        /* frozen container extents alive (see frozen.c) */
     PyObject *weakreflist;
-    /* registry of live pools, for fork handling (fork.c) */
-    struct PoolObject *reg_prev, *reg_next;
-    int registered;
     int protect_event;      /* memory became protected: the allocator tells fault.c */
     /* no-access pools (access.c): protected areas are PROT_NONE except
      * while access_count > 0 (open access() blocks, views taken inside

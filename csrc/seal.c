@@ -371,9 +371,12 @@ prmem_chunk_seal(PoolObject *pool, size_t ci, prmem_error *e)
         lock_errno = errno;
     if (pool->cur_area >= 0 && pool->m->areas[pool->cur_area].chunk == ci)
         prmem_close_current_area(pool);
-    for (size_t i = 0; i < pool->m->nareas; i++) {
-        if (pool->m->areas[i].chunk == ci)
-            META_SET(pool->m->areas[i].state, (uint8_t)PRMEM_READ_ONLY);
+    for (size_t i = 0; i < pool->m->nareas;) {
+        size_t j = i;
+        while (j < pool->m->nareas && pool->m->areas[j].chunk == ci)
+            j++;
+        prmem_meta_set_area_states(pool->m->areas, i, j, PRMEM_READ_ONLY); /* a run */
+        i = j > i ? j : i + 1;
     }
     META_SET(ch->sealed, 1);
     pool->protect_event = 1;

@@ -547,3 +547,41 @@ for mode in (Mode.RO, Mode.WR):
 print("seen", seen)
 """))
     assert "seen [True, True, True, True, True, True]" in out
+
+
+def test_fork_finds_every_live_pool_among_many_created_and_freed():
+    # the fork handlers find pools by walking their records in prmem's
+    # metadata: every live pool's writable memory must be copied, whatever
+    # order pools were created and freed in (freed records are reused)
+    out = _ok(run_child("""
+import random
+rng = random.Random(7)
+pools = []
+for i in range(60):
+    pool = Pool(Mode.RO, name=f"p{i}")
+    a = pool.alloc(16)
+    a.write(b"parent-%02d" % i)
+    pools.append((pool, a))
+for i in rng.sample(range(60), 30):
+    pools[i][0].destroy()
+    pools[i] = None
+del pool, a
+import gc; gc.collect()
+for i in range(10):                      # reuse freed records
+    pool = Pool(Mode.RO, name=f"q{i}")
+    a = pool.alloc(16)
+    a.write(b"parent-q%d" % i)
+    pools.append((pool, a))
+live = [pa for pa in pools if pa is not None]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    for pool, a in live:
+        a.write(b"CHILD!")
+    os.write(w, b"x")
+    os._exit(0)
+os.read(r, 1)
+os.waitpid(pid, 0)
+print("isolated", all(not bytes(a).startswith(b"CHILD!") for _, a in live), len(live))
+"""))
+    assert "isolated True 40" in out
