@@ -315,7 +315,10 @@ def _git_commit(repo: str) -> Optional[str]:
                               capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+        # "-dirty": the code under test differs from the commit.  A previous
+        # run's results and the page made from them are not code under test.
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":!benchmarks/results", ":!docs/performance.md"],
                                capture_output=True, text=True, timeout=10)
         suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
         return head.stdout.strip() + suffix
