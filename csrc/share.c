@@ -246,6 +246,26 @@ attach_mark(const void *base, unsigned long long ino, long sender, const char *n
  * one READ_ONLY area.  Takes ownership of the descriptors (closes them in
  * every case).  On any failed check: ProtectionError, nothing mapped.
  */
+/* A refused attach: nothing of it stays mapped or open (but what mseal()
+ * already sealed, which can never be unmapped), and its tables go. */
+static void
+undo_attach(prmem_chunk *chunks, prmem_area *areas, void **marks, Py_ssize_t done,
+            char *cname, PyObject *exact)
+{
+    for (Py_ssize_t i = 0; i < done; i++) {
+        if (!chunks[i].msealed)
+            munmap(chunks[i].base, chunks[i].used);
+        close(chunks[i].fd);
+        if (marks[i] != NULL)
+            munmap(marks[i], prmem_page_size);
+    }
+    Py_DECREF(exact);
+    PyMem_RawFree(cname);
+    PyMem_RawFree(chunks);
+    PyMem_RawFree(areas);
+    PyMem_RawFree(marks);
+}
+
 static PyObject *
 attach(PyObject *module, PyObject *args)
 {
@@ -355,19 +375,7 @@ attach(PyObject *module, PyObject *args)
             chunks[i].msealed = 1;
     }
     if (rc < 0) {
-        /* nothing stays mapped (but what mseal() already sealed) */
-        for (Py_ssize_t i = 0; i < done; i++) {
-            if (!chunks[i].msealed)
-                munmap(chunks[i].base, chunks[i].used);
-            close(chunks[i].fd);
-            if (marks[i] != NULL)
-                munmap(marks[i], prmem_page_size);
-        }
-        Py_DECREF(exact);
-        PyMem_RawFree(cname);
-        PyMem_RawFree(chunks);
-        PyMem_RawFree(areas);
-        PyMem_RawFree(marks);
+        undo_attach(chunks, areas, marks, done, cname, exact);
         prmem_raise(&e);
         goto close_all;
     }
@@ -379,18 +387,7 @@ attach(PyObject *module, PyObject *args)
         prmem_meta_free(mchunks, (size_t)n * sizeof(prmem_chunk));
         prmem_meta_free(mareas, (size_t)n * sizeof(prmem_area));
         PyMem_RawFree(wexp);
-        for (Py_ssize_t i = 0; i < done; i++) {
-            if (!chunks[i].msealed)
-                munmap(chunks[i].base, chunks[i].used);
-            close(chunks[i].fd);
-            if (marks[i] != NULL)
-                munmap(marks[i], prmem_page_size);
-        }
-        Py_DECREF(exact);
-        PyMem_RawFree(cname);
-        PyMem_RawFree(chunks);
-        PyMem_RawFree(areas);
-        PyMem_RawFree(marks);
+        undo_attach(chunks, areas, marks, done, cname, exact);
         PyErr_SetString(PyExc_MemoryError, "prmem: out of metadata memory for pool tables");
         goto close_all;
     }
