@@ -40,21 +40,26 @@
  * ranges never overlap (they are mappings that exist at the same time), so
  * a lookup is two binary searches.  The index is never changed once
  * published: a writer (holding ranges_lock) builds a new top array and the
- * one or two new leaves, and publishes them with one atomic pointer store;
- * the old top array and leaves, and a removed range, are retired.  A
+ * one or two new leaves, and publishes them by switching the root block's
+ * selector to the slot that holds the new top array (see "Where it lives"
+ * below); the old top array and leaves, and a removed range, are retired.  A
  * change copies at most three leaves plus the top array (a leaf that
  * splits leaves two half-full ones, and a leaf that shrinks is merged with
  * a neighbour when together they fit in half a leaf), not every range.
  *
  * Ranges are changed in place only in ways a concurrent reader may see
  * either side of: `end` shrinks when a sealed chunk's tail is unmapped,
- * `sealed` goes 0 -> 1, `pool` goes to NULL.  Each is one atomic word.
+ * `sealed` and `destroyed` go 0 -> 1.  Each is one word or
+ * byte, written with META_SET (torn values are covered below).
  *
  * Freeing what a handler may still read.  The handler does
- *     (I) fetch_add(&handlers_in_flight, 1)  (L) load(&published)
+ *     (I) fetch_add(&handlers_in_flight, 1)  (L) load(&root->which)
  *     ... reads the index and ranges ...      (D) fetch_sub(&handlers_in_flight, 1)
  * and a writer, after building and retiring, does
- *     (W) store(&published, new)             (R) load(&handlers_in_flight)
+ *     (W) root->which = slot of new           (R) load(&handlers_in_flight)
+ * (W is a one-byte pwrite() of the metadata file between two seq_cst
+ * fences, which the argument below takes as a seq_cst store: a byte
+ * cannot tear, and the fences order it with I, L and R)
  * and frees everything retired so far only if R reads 0; otherwise it
  * keeps it on the retired list for a later writer.  All five are
  * sequentially consistent, so they fall in one total order S that agrees
