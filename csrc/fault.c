@@ -30,7 +30,7 @@
  * The registry.  One fault_range per chunk, holding a copy of all the
  * report needs, so it outlives the pool: the ranges of mseal()ed chunks
  * stay for the life of the process (the memory can never be unmapped),
- * with pool == NULL once their pool is destroyed.  Such a range costs
+ * marked destroyed once their pool is.  Such a range costs
  * about 120 bytes here, against at least one page and one VMA of memory
  * the process can never get back; nothing limits how many there are.
  * Ranges of chunks that are unmapped are taken out and freed.
