@@ -118,7 +118,11 @@ def test_frozen_containers_are_read_only_inside_access():
                  lambda: items[0], lambda: len(items), lambda: list(items)):
         with pytest.raises(prmem.ProtectionError, match="no-access"):
             read()
+    assert repr(table) == ("<prmem.FrozenMap in no-access pool 'na-frozen': "
+                           "readable only inside pool.access()>")
+    assert "FrozenList in no-access pool" in repr(items)
     with pool.access():
+        assert repr(items) == "prmem.FrozenList([1, 'two', {'three': 3}])"
         assert table["key"] == "value" and list(table["n"]) == [1, 2, 3]
         assert table == {"key": "value", "n": [1, 2, 3], "nested": {"a": b"b"}}
         assert items.thaw() == [1, "two", {"three": 3}]

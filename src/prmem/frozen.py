@@ -131,7 +131,7 @@ class FrozenMap(_core.FrozenMap, Mapping[FrozenKey, Any]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"prmem.FrozenMap({self.thaw()!r})"
+        return _repr(self, "FrozenMap")
 
 
 class FrozenList(_core.FrozenList, Sequence[Any]):
@@ -159,7 +159,18 @@ class FrozenList(_core.FrozenList, Sequence[Any]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"prmem.FrozenList({self.thaw()!r})"
+        return _repr(self, "FrozenList")
+
+
+def _repr(handle: Union[FrozenMap, FrozenList], kind: str) -> str:
+    """The contents, or, outside access() of a no-access pool, where they
+    cannot be read, a placeholder: repr() is what loggers and debuggers
+    call, and it should not raise."""
+    try:
+        return f"prmem.{kind}({handle.thaw()!r})"
+    except ProtectionError:
+        return (f"<prmem.{kind} in no-access pool {handle.pool.name!r}: "
+                "readable only inside pool.access()>")
 
 
 def _plain(obj: Any) -> Any:
