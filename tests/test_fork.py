@@ -585,3 +585,31 @@ os.waitpid(pid, 0)
 print("isolated", all(not bytes(a).startswith(b"CHILD!") for _, a in live), len(live))
 """))
     assert "isolated True 40" in out
+
+
+def test_beyond_64_sharing_children_a_child_copies_at_fork():
+    # prmem tracks at most 64 forks whose children still share memory; a
+    # fork beyond that must not share (the child copies at once)
+    out = _ok(run_child(LAZY_PRELUDE + """
+pool, a = wr_pool("many", size=4096)
+before = backing("many")
+go_r, go_w = os.pipe()
+kids = []
+verdicts = []
+for i in range(66):
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(res_w, b"S" if backing("many") == before else b"C")
+        os.read(go_r, 1)                 # stay alive, sharing, until told
+        os._exit(0)
+    verdicts.append(os.read(res_r, 1).decode())
+    os.close(res_r); os.close(res_w)
+    kids.append(pid)
+os.write(go_w, b"x" * len(kids))
+for pid in kids:
+    os.waitpid(pid, 0)
+print("verdicts", "".join(verdicts))
+"""))
+    verdicts = out.split("verdicts ")[1].strip()
+    assert verdicts[:64] == "S" * 64 and set(verdicts[64:]) == {"C"}, verdicts
