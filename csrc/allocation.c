@@ -99,15 +99,15 @@ fail:
     return -1;
 }
 
+/* With the pool lock held: a buffer view of area `area` went away.  `kind`
+ * is what its getbuffer stored in view->internal: bit 0, it counted as a
+ * writable export; bit 1, it held access to a no-access pool. */
 static void
-Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
+view_released(PoolObject *pool, uint32_t area, intptr_t kind)
 {
-    PoolObject *pool = self->pool;
-    POOL_LOCK(pool);
     pool->exports--;
-    intptr_t kind = (intptr_t)view->internal;
     if (kind & 1) {
-        pool->area_wexports[self->area]--;
+        pool->area_wexports[area]--;
         pool->wexports--;
     }
     if (kind & 2) {
@@ -117,6 +117,14 @@ Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
         prmem_access_release(pool, &e);
     }
     prmem_release_if_pending(pool); /* last: it may free the area table */
+}
+
+static void
+Allocation_releasebuffer(AllocationObject *self, Py_buffer *view)
+{
+    PoolObject *pool = self->pool;
+    POOL_LOCK(pool);
+    view_released(pool, self->area, (intptr_t)view->internal);
     POOL_UNLOCK(pool);
 }
 
@@ -543,15 +551,15 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
     if (pool == NULL)
         return -1;
     prmem_error e;
-    /* In a no-access pool: on protected memory, the view holds access (see
-     * Allocation_getbuffer); on WRITABLE memory it holds protect() back
-     * like a writable view, or protect() would take the pages away under
-     * it (other pools let protect() go on: their pages stay readable). */
     if (prmem_check_allocation(pool, a, &e) < 0) {
         POOL_UNLOCK(pool);
         prmem_raise(&e);
         return -1;
     }
+    /* In a no-access pool: on protected memory, the view holds access (see
+     * Allocation_getbuffer); on WRITABLE memory it holds protect() back
+     * like a writable view, or protect() would take the pages away under
+     * it (other pools let protect() go on: their pages stay readable). */
     const prmem_area *area = &pool->m->areas[a->area];
     int holds_access = pool->m->noaccess && area->state != PRMEM_WRITABLE;
     int holds_protect = pool->m->noaccess && area->state == PRMEM_WRITABLE;
@@ -576,16 +584,7 @@ ReadOnlyBuffer_releasebuffer(ReadOnlyBufferObject *self, Py_buffer *view)
 {
     PoolObject *pool = self->alloc->pool;
     POOL_LOCK(pool);
-    pool->exports--;
-    if ((intptr_t)view->internal & 1) {
-        pool->area_wexports[self->alloc->area]--;
-        pool->wexports--;
-    }
-    if ((intptr_t)view->internal & 2) {
-        prmem_error e;
-        prmem_access_release(pool, &e); /* see Allocation_releasebuffer */
-    }
-    prmem_release_if_pending(pool);
+    view_released(pool, self->alloc->area, (intptr_t)view->internal);
     POOL_UNLOCK(pool);
 }
 
