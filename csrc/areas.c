@@ -199,6 +199,53 @@ sys_memfd_create(const char *name, unsigned flags)
 #endif
 }
 
+/* A new, empty file of kind `kind` for a chunk of pool `pool` (a new chunk,
+ * or a copy of one).
+ * Also called in a fork()ed child before it runs any other code: plain
+ * syscalls and byte copies only.  A memfd is named "prmem:<pool>", cut
+ * to the kernel's 249 bytes on a UTF-8 character boundary, so
+ * /proc/PID/maps and `prmem inspect` say whose memory it is. */
+PRMEM_INTERNAL int
+prmem_new_backing(const PoolObject *pool, int kind)
+{
+    if (kind == PRMEM_BACKING_MEMFD) {
+        char name[250] = "prmem:";
+        const size_t prefix = 6, max = sizeof(name) - 1 - prefix;
+        size_t k = 0;
+        while (pool->cname[k] != '\0' && k < max)
+            k++;
+        if (pool->cname[k] != '\0') /* cut short: not inside a character */
+            while (k > 0 && ((unsigned char)pool->cname[k] & 0xc0) == 0x80)
+                k--;
+        memcpy(name + prefix, pool->cname, k);
+        name[prefix + k] = '\0';
+        return sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    }
+    if (kind == PRMEM_BACKING_TMPFILE)
+        return open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
+#ifdef SYS_memfd_secret
+    return (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+PRMEM_INTERNAL void
+prmem_fd_path(char out[32], int fd)
+{
+    static const char prefix[] = "/proc/self/fd/";
+    char digits[12];
+    int n = 0;
+    for (unsigned v = (unsigned)fd; n == 0 || v > 0; v /= 10)
+        digits[n++] = (char)('0' + v % 10);
+    memcpy(out, prefix, sizeof(prefix) - 1);
+    size_t len = sizeof(prefix) - 1;
+    while (n > 0)
+        out[len++] = digits[--n];
+    out[len] = '\0';
+}
+
 PRMEM_INTERNAL int
 prmem_sys_mseal(void *addr, size_t len)
 {
@@ -277,21 +324,6 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
     if (size > (size_t)LLONG_MAX)
         return fail_nomemory(pool, e, size, "ftruncate", EFBIG);
 
-    /* memfd names show up in /proc/PID/maps as "/memfd:prmem:<pool>"; the
-     * kernel limits them to 249 bytes. */
-    char name[250];
-    snprintf(name, sizeof(name), "prmem:%s", pool->cname);
-    /* cut on a UTF-8 character boundary, so /proc/PID/maps stays UTF-8 */
-    size_t end = strlen(name), lead = end;
-    while (lead > 0 && ((unsigned char)name[lead - 1] & 0xc0) == 0x80)
-        lead--;
-    if (lead > 0) {
-        unsigned char c = (unsigned char)name[lead - 1];
-        size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
-        if (lead - 1 + need > end)
-            name[lead - 1] = '\0'; /* the last character was cut short */
-    }
-
     /* Without memfd_create() (Linux < 3.17, or filtered by seccomp) the
      * fallback is an unnamed tmpfs file: pwrite() and shared mappings work
      * the same, but it cannot be sealed, so READ_ONLY is enforced by the
@@ -301,19 +333,7 @@ chunk_new(PoolObject *pool, size_t size, prmem_error *e)
                                                      : PRMEM_BACKING_TMPFILE;
     static const char *const calls[] = {"memfd_create", "open(/dev/shm, O_TMPFILE)",
                                         "memfd_secret"};
-    int fd;
-    if (kind == PRMEM_BACKING_MEMFD)
-        fd = sys_memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    else if (kind == PRMEM_BACKING_TMPFILE)
-        fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
-    else {
-#ifdef SYS_memfd_secret
-        fd = (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
-#else
-        fd = -1;
-        errno = ENOSYS;
-#endif
-    }
+    int fd = prmem_new_backing(pool, kind);
     if (fd < 0) {
         int err = errno;
         if (err == EMFILE || err == ENFILE)

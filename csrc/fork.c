@@ -257,15 +257,8 @@ static int
 share_readonly(PoolObject *pool, size_t ci)
 {
     const prmem_chunk *ch = &pool->m->chunks[ci];
-    char path[32] = "/proc/self/fd/";
-    char digits[12];
-    int n = 0;
-    for (unsigned v = (unsigned)ch->fd; n == 0 || v > 0; v /= 10)
-        digits[n++] = (char)('0' + v % 10);
-    size_t len = strlen(path);
-    while (n > 0)
-        path[len++] = digits[--n];
-    path[len] = '\0';
+    char path[32];
+    prmem_fd_path(path, ch->fd);
     /* Owner read-only: the file can no longer be reopened for writing
      * through /proc (except with CAP_DAC_OVERRIDE, which can write the
      * parent's memory through /proc/PID/mem anyway).  Descriptors already
@@ -307,7 +300,7 @@ snapshot_chunk(PoolObject *pool, size_t ci, int record)
                           -1, 0);
         if (copy == MAP_FAILED)
             return -1;
-        memcpy(copy, ch->base, ch->used); /* readable: see make_readable() */
+        memcpy(copy, ch->base, ch->used); /* child() made it readable */
         for (size_t i = 0; i < pool->m->nareas; i++) {
             const prmem_area *a = &pool->m->areas[i];
             if (a->chunk == ci && a->state != PRMEM_WRITABLE && prmem_enforce)

@@ -470,6 +470,10 @@ PRMEM_INTERNAL int prmem_file_write(PoolObject *pool, const prmem_area *area,
                                     char *dst, const void *src, size_t n,
                                     int fill_byte, prmem_error *e);
 PRMEM_INTERNAL void prmem_pool_release(PoolObject *pool);
+/* A new empty backing file of `kind` for pool's chunks (-1 with errno);
+ * async-signal-safe, as is prmem_fd_path ("/proc/self/fd/<fd>"). */
+PRMEM_INTERNAL int prmem_new_backing(const PoolObject *pool, int kind);
+PRMEM_INTERNAL void prmem_fd_path(char out[32], int fd);
 /* Rare writes of this many bytes or more compare the descriptor with the
  * recorded st_dev/st_ino first (an fstat(): see docs/design.md) */
 #define PRMEM_CHECK_BACKING_MIN ((size_t)4096)
@@ -481,7 +485,7 @@ PRMEM_INTERNAL void prmem_sealed_leftovers(size_t *chunks, size_t *bytes);
 
 /* unshare.c: copy on first change after fork().  Callers hold pool->lock;
  * no Python API (prmem_chunk_unshare may run without the GIL). */
-PRMEM_INTERNAL int prmem_new_backing(const PoolObject *pool, int kind);
+
 PRMEM_INTERNAL int prmem_copy_chunk_contents(const prmem_chunk *ch, int fd);
 PRMEM_INTERNAL void prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd);
 PRMEM_INTERNAL int prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e);

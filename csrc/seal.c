@@ -276,7 +276,7 @@ seal_memfd(PoolObject *pool, size_t ci, prmem_error *e, int *ro_fd)
 {
     const prmem_chunk *ch = &pool->m->chunks[ci];
     char path[64];
-    snprintf(path, sizeof(path), "/proc/self/fd/%d", ch->fd);
+    prmem_fd_path(path, ch->fd);
     int ro = open(path, O_RDONLY | O_CLOEXEC);
     if (ro < 0)
         return prmem_fail(e, pool->mstate->ProtectionError,

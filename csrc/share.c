@@ -194,7 +194,7 @@ check_incoming(prmem_module_state *st, const incoming *in, int *ro, struct stat 
     if (fstat(in->fd, &sb) < 0)
         return prmem_fail(e, st->ProtectionError, "received descriptor is unusable (fstat: %s)",
                           strerror(errno));
-    snprintf(path, sizeof(path), "/proc/self/fd/%d", in->fd);
+    prmem_fd_path(path, in->fd);
     ssize_t n = readlink(path, target, sizeof(target) - 1);
     if (!S_ISREG(sb.st_mode) || n < 7 || memcmp(target, "/memfd:", 7) != 0)
         return prmem_fail(e, st->ProtectionError,

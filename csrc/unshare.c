@@ -39,43 +39,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef MFD_CLOEXEC
-#define MFD_CLOEXEC 0x0001U
-#define MFD_ALLOW_SEALING 0x0002U
-#endif
-
-/* ------------------------------------------------------- new backing */
-
-/* A new, empty file of the same kind for pool `pool`'s copy of a chunk.
- * Also called in a fork()ed child before it runs any other code: plain
- * syscalls and byte copies only.  A memfd gets the pool's name, as the
- * original did (areas.c), so /proc/PID/maps and `prmem inspect` still say
- * whose memory it is. */
-PRMEM_INTERNAL int
-prmem_new_backing(const PoolObject *pool, int kind)
-{
-    if (kind == PRMEM_BACKING_MEMFD) {
-        char name[250] = "prmem:";
-        const size_t prefix = 6, max = sizeof(name) - 1 - prefix;
-        size_t k = 0;
-        while (pool->cname[k] != '\0' && k < max)
-            k++;
-        if (pool->cname[k] != '\0') /* cut short: not inside a character */
-            while (k > 0 && ((unsigned char)pool->cname[k] & 0xc0) == 0x80)
-                k--;
-        memcpy(name + prefix, pool->cname, k);
-        name[prefix + k] = '\0';
-        return (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    }
-    if (kind == PRMEM_BACKING_TMPFILE)
-        return open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC | O_EXCL, 0600);
-#ifdef SYS_memfd_secret
-    return (int)syscall(SYS_memfd_secret, (unsigned long)O_CLOEXEC);
-#else
-    errno = ENOSYS;
-    return -1;
-#endif
-}
 
 typedef struct {
     int from_fd, to_fd;
@@ -220,14 +183,6 @@ chunk_still_shared(const prmem_chunk *ch)
 
 /* ------------------------------------------------------ the copy itself */
 
-/*
- * Give this process its own copy of chunk ci: a new file with the same
- * contents, mapped over the old one at the same address.  Other threads
- * may be reading the chunk: the copy is mapped read-only elsewhere first
- * and moved over the used part in one mremap(), so every read sees the
- * same bytes throughout.  On failure nothing has changed.
- */
-
 /* Chunk ch now lives in the new file fd, mapped in place of the old one:
  * record its identity (what verify() and the descriptor checks compare
  * with), close the old descriptor and keep fd.  Used by copy_away() here
@@ -246,6 +201,13 @@ prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd)
     errno = errsave;
 }
 
+/*
+ * Give this process its own copy of chunk ci: a new file with the same
+ * contents, mapped over the old one at the same address.  Other threads
+ * may be reading the chunk: the copy is mapped read-only elsewhere first
+ * and moved over the used part in one mremap(), so every read sees the
+ * same bytes throughout.  On failure nothing has changed.
+ */
 static int
 copy_away(PoolObject *pool, size_t ci, prmem_error *e)
 {
