@@ -51,6 +51,37 @@ prmem_check_usable(PoolObject *pool, prmem_error *e)
     return 0;
 }
 
+/* Refuse a change (of pool cname; NULL: creating a pool) because prmem's
+ * metadata is frozen: 0 if it is not.  With check_file, first check that
+ * the metadata descriptor is still prmem's file (prmem_meta_check_file, an
+ * fstat()): every change that writes metadata does, before it starts;
+ * rare writes and allocations within an area write none and skip it. */
+PRMEM_INTERNAL int
+prmem_refuse_if_frozen(prmem_module_state *st, const char *cname, int check_file,
+                       prmem_error *e)
+{
+    int err = check_file ? prmem_meta_check_file() : prmem_meta_frozen();
+    if (err == 0)
+        return 0;
+    const char *what = cname != NULL ? "prmem pool '" : "prmem: ";
+    const char *whose = cname != NULL ? cname : "";
+    const char *verb = cname != NULL ? "' cannot change" : "no new pool can be created";
+    if (prmem_meta_frozen_why() == PRMEM_FROZEN_FILE_LOST)
+        return prmem_fail(e, st->ProtectionError,
+                          "%s%.200s%s: the descriptor of prmem's metadata file was closed or "
+                          "replaced behind prmem's back (a stray close() or dup2() of a "
+                          "descriptor prmem owns), so prmem froze its metadata rather than "
+                          "write it into another file; reads work, changes through prmem do "
+                          "not (leave prmem's descriptors open, e.g. skip them in closerange)",
+                          what, whose, verb);
+    return prmem_fail(e, st->PrmemError,
+                      "%s%.200s%s in this forked child: the child could not get a file for "
+                      "prmem's metadata at fork() (%s), so the metadata is frozen here and "
+                      "pool memory is a private read-only snapshot as of the fork; reads "
+                      "work, changes through prmem do not",
+                      what, whose, verb, strerror(err));
+}
+
 /* With pool->lock held: refuse changes to a pool whose memory may not
  * change here (on top of prmem_check_usable). */
 PRMEM_INTERNAL int
@@ -58,13 +89,8 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
-    if (prmem_meta_frozen())
-        return prmem_fail(e, pool->mstate->PrmemError,
-                          "prmem pool '%.200s' cannot change in this forked child: the child "
-                          "could not get a file for prmem's metadata at fork() (%s), so the "
-                          "metadata is frozen here and its memory is a private read-only "
-                          "snapshot as of the fork; reads work, changes through prmem do not",
-                          pool->cname, strerror(prmem_meta_frozen()));
+    if (prmem_refuse_if_frozen(pool->mstate, pool->cname, 0, e) < 0)
+        return -1;
     if (pool->m->fork_errno)
         return prmem_fail(e, pool->mstate->PrmemError,
                           "prmem pool '%.200s' cannot change in this forked child: its memory "
@@ -259,6 +285,9 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
             addr = (char *)q;
     }
     if (addr == NULL) {
+        /* a new area writes metadata */
+        if (prmem_refuse_if_frozen(self->mstate, self->cname, 1, &e) < 0)
+            goto fail;
         int rc = prmem_area_open(self, size, &e);
         prmem_sync_fault_registry(self); /* also after a failure: AUTO modes */
         if (rc < 0)
@@ -269,7 +298,10 @@ pool_allocate(PoolObject *self, size_t size, int align_order, const void *init, 
     if (init != NULL && init_len > 0) {
         if (area->state == PRMEM_WRITABLE)
             memcpy(addr, init, init_len);
-        else if (prmem_chunk_unshare(self, area->chunk, &e) < 0 ||
+        else if (prmem_refuse_if_frozen(self->mstate, self->cname,
+                                        prmem_chunk_is_shared(&self->m->chunks[area->chunk]),
+                                        &e) < 0 ||
+                 prmem_chunk_unshare(self, area->chunk, &e) < 0 ||
                  prmem_file_write(self, area, addr, init, init_len, 0, &e) < 0)
             goto fail;
     }
@@ -306,16 +338,12 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
     self->cur_area = -1;
-    if (prmem_meta_frozen()) {
+    if (prmem_meta_check_file() != 0) {
         Py_DECREF(self);
         prmem_module_state *st = state_from_type(type);
-        if (st == NULL)
-            return NULL;
-        PyErr_Format(st->PrmemError,
-                     "prmem: no new pool can be created in this forked child: it could not "
-                     "get a metadata file of its own at fork() (%s), so prmem's metadata is "
-                     "frozen here (read-only, never changed)",
-                     strerror(prmem_meta_frozen()));
+        prmem_error e;
+        if (st != NULL && prmem_refuse_if_frozen(st, NULL, 0, &e) < 0)
+            prmem_raise(&e);
         return NULL;
     }
     prmem_pool_meta *m = prmem_meta_record_alloc();

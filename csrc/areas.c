@@ -629,11 +629,11 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void
         return prmem_fail(e, pool->mstate->ProtectionError,
                           "prmem pool '%.200s': a rare write outside the pool's areas was "
                           "refused", pool->cname);
-    /* The descriptor's identity: an fstat() costs about as much as a small
-     * pwrite(), so only writes of PRMEM_CHECK_BACKING_MIN bytes or more pay
-     * for it (docs/design.md); below, the fd number comes from protected
-     * metadata and only a syscall (close/dup2) can re-point it. */
-    if (n >= PRMEM_CHECK_BACKING_MIN && prmem_check_backing(pool, ch, e) < 0)
+    /* The descriptor is still the file recorded at creation, checked before
+     * every write whatever its size: a descriptor number that was closed
+     * and reused, or replaced with dup2(), would otherwise send the bytes
+     * into someone else's file (docs/design.md gives the cost). */
+    if (prmem_check_backing(pool, ch, e) < 0)
         return -1;
     if (prmem_chunk_is_shared(ch)) /* the caller must prmem_chunk_unshare() first */
         return prmem_fail(e, pool->mstate->PrmemError,
@@ -692,7 +692,7 @@ prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e)
 {
     struct stat st;
     int fd = ch->fd;
-    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == ch->dev && st.st_ino == ch->ino)
+    if (fd >= 0 && prmem_fstat(fd, &st) == 0 && st.st_dev == ch->dev && st.st_ino == ch->ino)
         return 0;
     if (e == NULL)
         return -1;
@@ -781,6 +781,11 @@ PRMEM_INTERNAL void
 prmem_pool_release(PoolObject *pool)
 {
     int frozen = prmem_meta_frozen() != 0;
+    /* In a fork()ed child with frozen metadata, fork.c closed every
+     * descriptor the table names and left private snapshots, so the
+     * numbers are stale: nothing to zero or close.  Frozen because the
+     * metadata descriptor was lost, the pool's own descriptors are live. */
+    int stale_fds = prmem_meta_frozen_why() == PRMEM_FROZEN_AT_FORK;
     for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
         const prmem_chunk *ch = &pool->m->chunks[ci];
         /* Unmap first: the hole punched below then frees pages that no page
@@ -793,10 +798,7 @@ prmem_pool_release(PoolObject *pool)
         }
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
-        /* Frozen metadata (a fork()ed child without a metadata file):
-         * fork.c closed every descriptor the table names and left private
-         * snapshots, so the numbers are stale: nothing to zero or close. */
-        if (ch->fd >= 0 && !frozen) {
+        if (ch->fd >= 0 && !stale_fds) {
             /* A descriptor that is no longer the recorded file (closed or
              * replaced by a dup2()) is someone else's: neither zeroed nor
              * closed, only forgotten. */
@@ -808,7 +810,8 @@ prmem_pool_release(PoolObject *pool)
                     zero_chunk_data(ch);
                 close(ch->fd);
             }
-            META_SET(ch->fd, -1);
+            if (!frozen)
+                META_SET(ch->fd, -1);
         }
     }
     /* the "attached from" markers of a pool received from elsewhere */

@@ -157,11 +157,14 @@ anything_to_copy(void)
 static void
 prepare(void)
 {
+    /* Metadata whose descriptor was lost is frozen now, before anything is
+     * shared with the child: sharing is recorded in metadata. */
+    int frozen = prmem_meta_check_file() != 0;
     pthread_mutex_lock(&registry_lock);
     PoolObject *p;
     FOR_EACH_POOL(p)
         pthread_mutex_lock(&p->lock);
-    lazy = prmem_lazy_fork_prepare();
+    lazy = frozen ? 0 : prmem_lazy_fork_prepare();
     if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
         copied_pipe[0] = copied_pipe[1] = -1;
     prmem_meta_fork_prepare(); /* last: takes meta.c's leaf lock */

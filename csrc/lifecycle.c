@@ -11,7 +11,8 @@
 static int
 protect_locked(PoolObject *self, prmem_error *e)
 {
-    if (prmem_check_changeable(self, e) < 0)
+    if (prmem_check_changeable(self, e) < 0 ||
+        prmem_refuse_if_frozen(self->mstate, self->cname, 1, e) < 0)
         return -1;
     if (self->wexports > 0)
         return prmem_fail(e, PyExc_BufferError,
@@ -72,6 +73,8 @@ static void warn_sealed_leftovers(void);
 static void
 release_locked(PoolObject *self)
 {
+    if (prmem_meta_frozen())
+        return; /* cannot be recorded: the memory goes with the Pool object */
     prmem_forget_fault_ranges(self);
     prmem_pool_unshare_for_release(self);
     prmem_pool_release(self);
@@ -103,6 +106,9 @@ prmem_pool_destroy_when_released(PoolObject *self, PyObject *unused)
         rc = prmem_fail(&e, self->mstate->ProtectionError,
                         "%.200s cannot be destroyed: after-init sections live as long as the "
                         "process", self->cname);
+    else if (!self->m->destroyed &&
+             prmem_refuse_if_frozen(self->mstate, self->cname, 1, &e) < 0)
+        rc = -1;
     else if (!self->m->destroyed) {
         META_SET(self->m->destroy_pending, 1);
         prmem_release_if_pending(self);
@@ -160,6 +166,8 @@ prmem_pool_destroy(PoolObject *self, PyObject *unused)
                    "process", self->cname);
         goto fail;
     }
+    if (prmem_refuse_if_frozen(self->mstate, self->cname, 1, &e) < 0)
+        goto fail;
     if (self->exports > 0 || self->pins > 0) {
         prmem_fail(&e, PyExc_BufferError,
                    "cannot destroy pool '%.200s': %zd buffer view(s) or array(s) and %zd "

@@ -62,6 +62,8 @@ struct meta_header {
 
 PRMEM_INTERNAL char *prmem_meta_base;
 static int meta_fd = -1;
+static dev_t meta_dev; /* meta_fd's file, recorded when it became meta_fd: */
+static ino_t meta_ino; /* every write checks that the descriptor still is it */
 static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
 static int fork_fd = -1; /* the copy made for a child by fork_prepare */
 /* A file made ahead of time, so that a fork() in a process out of
@@ -109,10 +111,34 @@ new_file(void)
     return fd;
 }
 
-/* errno of the failure if this fork()ed child has no metadata file of its
- * own: metadata is then frozen (read-only for good, never mapped writable)
- * and every change is refused before it starts (prmem_meta_frozen). */
+/* Nonzero once metadata is frozen: read-only for good, never mapped
+ * writable, every change refused before it starts (prmem_meta_frozen).  The
+ * errno of the failure if this fork()ed child has no metadata file of its
+ * own (PRMEM_FROZEN_AT_FORK), EBADF if the metadata descriptor was closed or
+ * replaced behind prmem's back (PRMEM_FROZEN_FILE_LOST). */
 static int frozen_errno;
+static int frozen_why;
+
+/* Make fd the metadata file and record its identity; -1 if fstat fails */
+static int
+adopt_file(int fd)
+{
+    struct stat st;
+    if (fd >= 0 && prmem_fstat(fd, &st) < 0)
+        return -1;
+    meta_fd = fd;
+    meta_dev = fd >= 0 ? st.st_dev : 0;
+    meta_ino = fd >= 0 ? st.st_ino : 0;
+    return 0;
+}
+
+static int
+file_is_ours(void)
+{
+    struct stat st;
+    return meta_fd >= 0 && prmem_fstat(meta_fd, &st) == 0 && st.st_dev == meta_dev &&
+           st.st_ino == meta_ino;
+}
 
 _Static_assert(sizeof(prmem_pool_meta) <= PRMEM_META_RECORD, "pool record too large");
 
@@ -120,6 +146,32 @@ PRMEM_INTERNAL int
 prmem_meta_frozen(void)
 {
     return __atomic_load_n(&frozen_errno, __ATOMIC_RELAXED);
+}
+
+PRMEM_INTERNAL int
+prmem_meta_frozen_why(void)
+{
+    return prmem_meta_frozen() ? __atomic_load_n(&frozen_why, __ATOMIC_RELAXED) : 0;
+}
+
+static void
+freeze(int why, int err)
+{
+    __atomic_store_n(&frozen_why, why, __ATOMIC_RELAXED);
+    __atomic_store_n(&frozen_errno, err, __ATOMIC_RELEASE);
+}
+
+PRMEM_INTERNAL int
+prmem_meta_check_file(void)
+{
+    int err = prmem_meta_frozen();
+    if (err != 0 || prmem_meta_base == NULL)
+        return err;
+    pthread_mutex_lock(&meta_lock);
+    if (!prmem_meta_frozen() && !file_is_ours())
+        freeze(PRMEM_FROZEN_FILE_LOST, EBADF);
+    pthread_mutex_unlock(&meta_lock);
+    return prmem_meta_frozen();
 }
 
 static void
@@ -131,6 +183,17 @@ write_at(int fd, size_t off, const void *src, size_t n)
          * bug; never map the metadata writable, fail closed. */
         static const char msg[] = "prmem: a change to frozen metadata (a fork()ed child "
                                   "without a metadata file); aborting\n";
+        ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+        (void)ignored;
+        abort();
+    }
+    if (fd == meta_fd && !file_is_ours()) {
+        /* Replaced between an operation's prmem_meta_check_file() and this
+         * write (a dup2() racing with prmem): never write metadata into
+         * another file, and never go on with metadata half changed. */
+        static const char msg[] = "prmem: prmem's metadata descriptor was closed or replaced "
+                                  "during a metadata change; aborting rather than write "
+                                  "metadata into another file\n";
         ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
         (void)ignored;
         abort();
@@ -191,8 +254,14 @@ prmem_meta_init(void)
         return -1;
     }
     madvise(base, RESERVE, MADV_DONTDUMP);
+    if (adopt_file(fd) < 0) {
+        int err = errno;
+        munmap(base, RESERVE);
+        close(fd);
+        errno = err;
+        return -1;
+    }
     prmem_meta_base = base;
-    meta_fd = fd;
     new_spare();
     struct meta_header h;
     memset(&h, 0, sizeof(h));
@@ -511,6 +580,8 @@ prmem_meta_fork_child(void)
     int spare = take_spare();
     if (spare >= 0)
         close(spare); /* the parent's */
+    if (prmem_meta_frozen()) /* already (descriptor lost): fork.c snapshots */
+        freeze(PRMEM_FROZEN_AT_FORK, prmem_meta_frozen());
     if (fd >= 0) {
         if (mmap(prmem_meta_base, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE | MAP_FIXED,
                  fd, 0) == MAP_FAILED)
@@ -536,12 +607,13 @@ prmem_meta_fork_child(void)
         if (mremap(copy, RESERVE, RESERVE, MREMAP_MAYMOVE | MREMAP_FIXED, prmem_meta_base) ==
             MAP_FAILED)
             abort();
-        __atomic_store_n(&frozen_errno, EMFILE, __ATOMIC_RELAXED);
+        freeze(PRMEM_FROZEN_AT_FORK, EMFILE);
     }
     madvise(prmem_meta_base, RESERVE, MADV_DONTDUMP);
     if (meta_fd >= 0)
         close(meta_fd);
-    meta_fd = fd;
+    if (adopt_file(fd) < 0)
+        abort(); /* a file just made for this child: cannot happen */
     if (fd >= 0)
         new_spare();
     pthread_mutex_unlock(&meta_lock);

@@ -58,7 +58,10 @@ retry:
     if (area->state != PRMEM_WRITABLE && prmem_chunk_is_shared(&pool->m->chunks[area->chunk])) {
         /* First change since fork(): maybe a private copy of the whole
          * chunk first (unshare.c), without the GIL, which is taken back
-         * after the pool lock is released (see prmem.h); then start over. */
+         * after the pool lock is released (see prmem.h); then start over.
+         * The copy is recorded in metadata. */
+        if (prmem_refuse_if_frozen(pool->mstate, pool->cname, 1, &e) < 0)
+            goto fail;
         int rc;
         Py_BEGIN_ALLOW_THREADS
         rc = prmem_chunk_unshare(pool, area->chunk, &e);
@@ -229,7 +232,8 @@ prmem_pool_make_ro(PoolObject *self, PyObject *unused)
         return prmem_raise_uninitialised((PyObject *)self), NULL;
     prmem_error e;
     POOL_LOCK(self);
-    if (prmem_check_changeable(self, &e) < 0)
+    if (prmem_check_changeable(self, &e) < 0 ||
+        prmem_refuse_if_frozen(self->mstate, self->cname, 1, &e) < 0)
         goto fail;
     if (self->m->section && mode_has_write_rare(self->m->mode)) {
         prmem_fail(&e, self->mstate->ProtectionError,

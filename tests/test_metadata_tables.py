@@ -1,7 +1,7 @@
 """Issue 14, second step: the chunk and area tables live in prmem's
 write-rare metadata; what prmem reads from them is re-validated before it
-writes (the area table for every write, the descriptor's st_dev/st_ino where
-an fstat() is cheap next to the operation); a fork()ed child that cannot get
+writes (the area table and the descriptor's st_dev/st_ino for every
+write); a fork()ed child that cannot get
 a metadata file of its own freezes metadata instead of mapping it writable.
 
 ``Pool._metadata_tables()`` is a test-only accessor: the tables' addresses.
@@ -49,45 +49,72 @@ def pool_fd(name):
 """
 
 
-def test_a_replaced_descriptor_is_refused_and_never_written():
-    # dup2() another file over the pool's descriptor (what a stray
-    # close/dup2 elsewhere in the process could do): protect() and rare
-    # writes of 4 KiB or more compare st_dev/st_ino with the recorded ones
-    # and refuse; the other file is unchanged
+REPLACED_STEPS = ("protect", "rare_write_8", "rare_write_4096", "module_rare_write",
+                  "rare_memset", "session", "rare_set", "closed_and_reused")
+
+
+@pytest.mark.parametrize("step", REPLACED_STEPS)
+def test_a_replaced_descriptor_is_refused_and_never_written(step):
+    # Another file over the pool's descriptor number (what a stray
+    # close/dup2 elsewhere in the process could do): protect() and every
+    # rare write, whatever its size, compare st_dev/st_ino with the ones
+    # recorded at creation and refuse; the other file is unchanged, and once
+    # the pool's file is back the same write is accepted.
     proc = run_child(POOL_FD + """
 import tempfile
-other = tempfile.TemporaryFile()
+step = %r
+other = tempfile.NamedTemporaryFile()
 other.write(b"O" * 65536); other.flush()
-for step in ("protect", "rare_write", "rare_memset"):
-    name = "meta-dup-" + step
-    pool = Pool(Mode.WR, name=name)
-    a = pool.alloc(8192)
-    if step != "protect":
-        pool.protect()
-    fd = pool_fd(name)
-    saved = os.dup(fd)
+name = "meta-dup-" + step
+pool = Pool(Mode.WR, name=name)
+a = pool.alloc(8192)
+fm = pool.freeze({"k": 1}) if step == "rare_set" else None
+if step != "protect":
+    pool.protect()
+fd = pool_fd(name)
+saved = os.dup(fd)
+if step == "closed_and_reused":
+    os.close(fd)  # a stray close; the next open() takes the lowest free number
+    reused = os.open(other.name, os.O_RDWR)
+    assert reused == fd, (reused, fd)
+else:
     os.dup2(other.fileno(), fd)
-    try:
-        if step == "protect":
-            pool.protect()
-        elif step == "rare_write":
-            pool.rare_write(a, b"X" * 4096)
-        else:
-            pool.rare_memset(a, 0x58)
-        raise SystemExit("not refused: " + step)
-    except prmem.ProtectionError as e:
-        assert name in str(e) and "descriptor" in str(e), e
-    other.seek(0)
-    assert other.read() == b"O" * 65536, step
-    os.dup2(saved, fd)
-    os.close(saved)
-    if step != "protect":
-        pool.rare_write(a, b"Y" * 4096)  # the right file again: accepted
-        assert bytes(a[:4096]) == b"Y" * 4096
-    del a
-    pool.destroy()
+
+def change(data):
+    if step == "protect":
+        pool.protect()
+    elif step in ("rare_write_8", "closed_and_reused"):
+        pool.rare_write(a, data[:8])
+    elif step == "rare_write_4096":
+        pool.rare_write(a, data * 512)
+    elif step == "module_rare_write":
+        prmem.rare_write(a, data[:8])
+    elif step == "rare_memset":
+        pool.rare_memset(a, data[0])
+    elif step == "session":
+        with pool.rare_write_session() as w:
+            w.write(a, data[:8])
+    else:
+        fm.rare_set("k", 2)
+
+try:
+    change(b"XXXXXXXX")
+    raise SystemExit("not refused: " + step)
+except prmem.ProtectionError as e:
+    assert name in str(e) and "descriptor" in str(e), e
+other.seek(0)
+assert other.read() == b"O" * 65536, step
+os.dup2(saved, fd)
+os.close(saved)
+change(b"YYYYYYYY")  # the right file again: accepted
+if step == "rare_set":
+    assert fm["k"] == 2
+elif step != "protect":
+    assert bytes(a[:8]) == b"YYYYYYYY"
+del a, fm
+pool.destroy()
 print("OK")
-""")
+""" % step)
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -201,3 +228,80 @@ pool.protect()
 print("OK")
 """)
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+META_FD = """
+def metadata_fd():
+    # the descriptor of the file mapped at prmem's metadata range (the
+    # other "prmem-metadata" descriptor is the spare kept for fork())
+    with open("/proc/self/maps") as f:
+        inos = {int(l.split()[4]) for l in f if "prmem-metadata" in l}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.fstat(int(fd)).st_ino in inos and \\
+                    "prmem-metadata" in os.readlink("/proc/self/fd/" + fd):
+                return int(fd)
+        except OSError:
+            pass
+    raise SystemExit("no metadata descriptor")
+"""
+
+
+@pytest.mark.parametrize("first", range(7))
+@pytest.mark.parametrize("how", ["dup2", "closed_and_reused"])
+def test_a_replaced_metadata_descriptor_freezes_metadata_and_is_never_written(how, first):
+    # prmem's metadata file is changed only through its descriptor: if that
+    # number stops naming the file, every change that would write metadata
+    # is refused with ProtectionError (metadata is frozen, never written
+    # into the other file); reads, fork() and exit still work
+    proc = run_child(META_FD + """
+import tempfile
+other = tempfile.NamedTemporaryFile()
+other.write(b"O" * 65536); other.flush()
+pool = Pool(Mode.WR, name="meta-fd-" + %r)
+a = pool.alloc(64)
+a.write(b"abc")
+fd = metadata_fd()
+if %r == "dup2":
+    os.dup2(other.fileno(), fd)
+else:
+    os.close(fd)
+    assert os.open(other.name, os.O_RDWR) == fd
+
+def forked():
+    # fork() first: the child gets metadata of its own, still frozen
+    seen = bytes(a[:3])
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if bytes(a[:3]) == seen else 3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    raise prmem.ProtectionError("metadata descriptor: the next change is refused")
+
+calls = [lambda: Pool(Mode.WR), lambda: pool.alloc(1 << 20), lambda: pool.protect(),
+         lambda: pool.rare_write(a, b"x"), lambda: pool.make_ro(), lambda: pool.destroy(),
+         forked]
+first = %r
+errs = []
+for call in calls[first:] + calls[:first]:  # whichever comes first notices
+    try:
+        call()
+        errs.append("allowed")
+    except prmem.ProtectionError as e:
+        errs.append("refused" if "metadata" in str(e) and "descriptor" in str(e) else str(e))
+# a rare write writes no metadata and does not look: allowed if it comes
+# first (into the pool's own file, still checked); refused once frozen
+assert errs == ["allowed" if first == 3 and i == 0 else "refused" for i in range(7)], errs
+assert bytes(a[1:3]) == b"bc"
+other.seek(0)
+assert other.read() == b"O" * 65536
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if bytes(a[1:3]) == b"bc" else 3)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+del a, pool
+other.seek(0)
+assert other.read() == b"O" * 65536
+print("OK")
+""" % (how, how, first))
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
