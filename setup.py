@@ -29,6 +29,7 @@ setup(
                 "csrc/module.c",
                 "csrc/meta.c",
                 "csrc/areas.c",
+                "csrc/filewrite.c",
                 "csrc/unshare.c",
                 "csrc/seal.c",
                 "csrc/allocator.c",

@@ -499,6 +499,9 @@ PRMEM_INTERNAL void prmem_fd_path(char out[32], int fd);
 /* The descriptor chunk ch names is still the file recorded at creation
  * (st_dev, st_ino), checked before every write through it */
 PRMEM_INTERNAL int prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e);
+/* Make an unsealed chunk's data unrecoverable before release (punch a hole,
+ * or write zeros where the file cannot) */
+PRMEM_INTERNAL void prmem_zero_chunk_data(const prmem_chunk *ch);
 PRMEM_INTERNAL int prmem_for_each_data_range(int fd, off_t end,
                                              int (*fn)(void *, off_t, off_t), void *ctx);
 PRMEM_INTERNAL void prmem_close_current_area(PoolObject *pool);
