@@ -103,7 +103,7 @@ def _tmp() -> str:
     return _tmp_root[0]
 
 
-def _git(*args: str) -> subprocess.CompletedProcess:
+def _git(*args: str) -> "subprocess.CompletedProcess[bytes]":
     try:
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, timeout=60)
     except FileNotFoundError:
