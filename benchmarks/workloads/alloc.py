@@ -14,6 +14,10 @@ vm.max_map_count limits).  prmem and bytearray go to 10^6; the C peers stop
 at a cap (10^4.5) or at their first failure, which is recorded with errno.
 For prmem the pool is then written (32 bytes into every object) and
 protect()ed, and RSS and VMAs are measured again.
+
+Part 3, before/after (issue 14).  ``pool.alloc(32)`` within an existing
+area, timed in subprocesses against the builds of earlier revisions and this
+tree (``benchmarks.baseline``); skipped in quick runs.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import prmem
 
-from .. import peers
+from .. import baseline, peers
 from ..harness import (PAGE_SIZE, Budget, RunContext, batch_loop, gc_paused, perf_ns, ratio,
                        rss_bytes, summarize, vma_count)
 from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
@@ -35,6 +39,24 @@ NAME = "alloc"
 TITLE = "alloc — one 32-byte object"
 SIZE = 32
 BATCH = 1000
+
+#: The before/after script (``benchmarks.baseline``): alloc(32) within an area
+#: the untimed first call opened (refill 64 MiB: every timed call fits in it),
+#: a fresh pool per repetition.  Only API every baseline revision has.
+BASELINE_STATEMENT = "a(32) with a = Pool(Mode.WR, refill=64 << 20).alloc, area already open"
+BASELINE_SCRIPT = """
+def measure(n):
+    p = Pool(Mode.WR, refill=64 << 20)
+    a = p.alloc
+    a(32)
+    t = time.perf_counter_ns()
+    for _ in range(n):
+        a(32)
+    t = time.perf_counter_ns() - t
+    p.destroy()
+    return t
+"""
+BASELINE_CALLS = 200_000  # 6.4 MB of the 64 MiB area
 
 #: OpenSSL's secure heap has a fixed arena, set once per process.
 OPENSSL_ARENA = 1 << 23  # 8 MiB: 10^4.5 objects of 32 B use ~1 MiB of it
@@ -440,6 +462,8 @@ def run(ctx: RunContext) -> Dict[str, Any]:
     ctx.log(f"[{NAME}] per-call cost, {BATCH} calls per sample ...")
     impls = _implementations(ctx)
     _per_call(ctx, impls)
+    before_after = baseline.compare(ctx, NAME, "alloc", BASELINE_STATEMENT, BASELINE_SCRIPT,
+                                    BASELINE_CALLS)
     rows = []
     by_key: Dict[str, Dict[str, Any]] = {}
     for impl in impls:
@@ -473,7 +497,7 @@ def run(ctx: RunContext) -> Dict[str, Any]:
                 lambda v: v <= 2.0, "median ns per alloc(32) vs bytearray(32)"),
         _target("sodium_malloc / prmem", ratio(med("sodium"), med("prmem")), "≥ 50×",
                 lambda v: v >= 50.0, "median ns per sodium_malloc(32) vs alloc(32)"),
-    ]
+    ] + baseline.targets(before_after)
     extra = {
         "prmem_over_bytearray_minus_loop_overhead": ratio(
             None if overhead is None or med("prmem") is None else med("prmem") - overhead,
@@ -508,7 +532,8 @@ def run(ctx: RunContext) -> Dict[str, Any]:
         "happens depends on the address-space layout at the time.",
     ]
     return {"rows": rows, "targets": targets, "extra_ratios": extra,
-            "loop_overhead_ns": overhead, "scaling": scaling, "notes": notes}
+            "loop_overhead_ns": overhead, "scaling": scaling, "notes": notes,
+            "before_after": before_after}
 
 
 def _allocation_object_size() -> int:
@@ -563,6 +588,9 @@ def markdown(result: Dict[str, Any]) -> str:
                f"{fmt_ratio(extra['prmem_over_bytearray_minus_loop_overhead'])}; "
                f"prmem/OpenSSL secure heap {fmt_ratio(extra['prmem_over_openssl'])}; "
                f"naive mmap+mprotect/prmem {fmt_ratio(extra['naive_over_prmem'])}.")
+    before_after = baseline.markdown(result.get("before_after"))
+    if before_after:
+        out += [""] + before_after[:-1]
     sc = result["scaling"]
     out += ["", f"### Scaling: n × 32 B kept alive (medians of {sc['repetitions']} run(s); "
             f"C peers capped at {sc['c_peer_cap']:,})", ""]

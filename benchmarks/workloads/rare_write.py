@@ -27,6 +27,10 @@ Per-call latencies are individual ``perf_counter_ns`` readings around one
 update (each includes one clock read, reported as "clock read" in the
 machine table); "batch mean" is the mean over uninterrupted batches, without
 per-call clock reads.
+
+Before/after (issue 14): ``pool.rare_write(a, data)`` of 8 bytes on a
+protected WR pool, timed in subprocesses against the builds of earlier
+revisions and this tree (``benchmarks.baseline``); skipped in quick runs.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import prmem
 
-from .. import peers
+from .. import baseline, peers
 from ..harness import (PAGE_SIZE, Budget, BufferReader, RunContext, batch_loop, gc_paused,
                        new_samples, per_call_loop, ratio, summarize, usable_cpus)
 from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
@@ -50,6 +54,26 @@ CHUNK = 2000
 #: sys.setswitchinterval() while the reader runs: how long the reader waits
 #: for the GIL between passes (default 5 ms).
 SWITCH_INTERVAL_S = 0.0002
+
+#: The before/after script (``benchmarks.baseline``): the update of the
+#: "prmem pool.rare_write" row, alone, in a batch loop.  Only API every
+#: baseline revision has.
+BASELINE_STATEMENT = ("rw(x, d): rw = pool.rare_write of a protected Pool(Mode.WR), "
+                      "x = a page-aligned 4 KiB allocation, d = 8 bytes")
+BASELINE_SCRIPT = """
+p = Pool(Mode.WR, refill=65536)
+x = p.alloc(4096, align_order=12)
+p.protect()
+def measure(n, rw=p.rare_write, x=x, d=%r):
+    t = time.perf_counter_ns()
+    for _ in range(n):
+        rw(x, d)
+    t = time.perf_counter_ns() - t
+    if bytes(memoryview(x)[:8]) != d:
+        raise SystemExit("the rare write did not land")
+    return t
+""" % (DATA,)
+BASELINE_CALLS = 50_000
 
 
 class Target:
@@ -242,6 +266,10 @@ def run(ctx: RunContext) -> Dict[str, Any]:
             except Exception as exc:  # pragma: no cover - reported
                 t.error = (t.error or "") + f" teardown: {exc!r}"
     result = _result(targets, reader_configs, notes, writer_cpu, reader_cpu, pass_ms)
+    before_after = baseline.compare(ctx, NAME, "rare_write 8 B", BASELINE_STATEMENT,
+                                    BASELINE_SCRIPT, BASELINE_CALLS)
+    result["targets"] += baseline.targets(before_after)
+    result["before_after"] = before_after
     low = [r for r in result["rows"] if r["readers"] and r.get("reader_on_cpu") is not None
            and r["reader_on_cpu"] < 0.8]
     if low:
@@ -373,6 +401,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{fmt_ratio(x['prmem_reader_over_alone'])}, libsodium "
         f"{fmt_ratio(x['sodium_reader_over_alone'])}, naive "
         f"{fmt_ratio(x['naive_reader_over_alone'])}.")
+    before_after = baseline.markdown(result.get("before_after"))
+    if before_after:
+        out += [""] + before_after[:-1]
     out += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
     seen = set()
     for r in result["rows"]:
