@@ -89,7 +89,7 @@ prmem_check_changeable(PoolObject *pool, prmem_error *e)
 {
     if (prmem_check_usable(pool, e) < 0)
         return -1;
-    if (prmem_refuse_if_frozen(pool->mstate, pool->cname, 0, e) < 0)
+    if (prmem_meta_frozen() && prmem_refuse_if_frozen(pool->mstate, pool->cname, 0, e) < 0)
         return -1;
     if (pool->m->fork_errno)
         return prmem_fail(e, pool->mstate->PrmemError,

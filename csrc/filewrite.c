@@ -147,9 +147,10 @@ prmem_file_write(PoolObject *pool, const prmem_area *area, char *dst, const void
 PRMEM_INTERNAL int
 prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e)
 {
-    struct stat st;
+    dev_t dev;
+    ino_t ino;
     int fd = ch->fd;
-    if (fd >= 0 && prmem_fstat(fd, &st) == 0 && st.st_dev == ch->dev && st.st_ino == ch->ino)
+    if (fd >= 0 && prmem_fd_identity(fd, &dev, &ino) == 0 && dev == ch->dev && ino == ch->ino)
         return 0;
     if (e == NULL)
         return -1;

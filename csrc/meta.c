@@ -43,14 +43,15 @@
 #include <unistd.h>
 
 #define RESERVE PRMEM_META_RESERVE
-#define RECORDS ((size_t)1 << 16)          /* after the header pages */
-#define HEAP ((size_t)64 << 20)            /* records: 64 MiB - 64 KiB */
+#define RECORDS PRMEM_META_RECORDS         /* after the header pages */
+#define HEAP PRMEM_META_HEAP               /* records: 64 MiB - 64 KiB */
 #define MIN_CLASS 5                        /* 32 bytes */
 #define NCLASSES 26                        /* up to 1 GiB (never reached) */
 #define COMMIT_STEP ((size_t)64 << 10)     /* fallocate granularity */
 
 struct meta_header {
-    size_t rec_top;              /* records handed out so far end here (offset) */
+    size_t rec_top;              /* records handed out so far end here (offset);
+                                  * first: prmem_meta_is_record() reads it */
     size_t rec_free;             /* offset of the first free record, 0: none */
     size_t heap_top;             /* offset */
     size_t heap_free[NCLASSES];  /* offsets of free blocks per class, 0: none */
@@ -123,24 +124,28 @@ static int frozen_why;
 static int
 adopt_file(int fd)
 {
-    struct stat st;
-    if (fd >= 0 && prmem_fstat(fd, &st) < 0)
+    dev_t dev = 0;
+    ino_t ino = 0;
+    if (fd >= 0 && prmem_fd_identity(fd, &dev, &ino) < 0)
         return -1;
     meta_fd = fd;
-    meta_dev = fd >= 0 ? st.st_dev : 0;
-    meta_ino = fd >= 0 ? st.st_ino : 0;
+    meta_dev = dev;
+    meta_ino = ino;
     return 0;
 }
 
 static int
 file_is_ours(void)
 {
-    struct stat st;
-    return meta_fd >= 0 && prmem_fstat(meta_fd, &st) == 0 && st.st_dev == meta_dev &&
-           st.st_ino == meta_ino;
+    dev_t dev;
+    ino_t ino;
+    return meta_fd >= 0 && prmem_fd_identity(meta_fd, &dev, &ino) == 0 && dev == meta_dev &&
+           ino == meta_ino;
 }
 
 _Static_assert(sizeof(prmem_pool_meta) <= PRMEM_META_RECORD, "pool record too large");
+_Static_assert(offsetof(struct meta_header, rec_top) == 0,
+               "prmem_meta_is_record() reads rec_top as the first word");
 
 PRMEM_INTERNAL int
 prmem_meta_frozen(void)
@@ -464,17 +469,6 @@ prmem_meta_fault_root(size_t size)
     HSET(fault_root, (size_t)(p - prmem_meta_base));
     pthread_mutex_unlock(&meta_lock);
     return p;
-}
-
-PRMEM_INTERNAL int
-prmem_meta_is_record(const void *p)
-{
-    uintptr_t a = (uintptr_t)p, b = (uintptr_t)prmem_meta_base;
-    if (prmem_meta_base == NULL || a < b + RECORDS || a >= b + HEAP)
-        return 0;
-    size_t off = a - b;
-    return (off - RECORDS) % PRMEM_META_RECORD == 0 &&
-           off < __atomic_load_n(&HDR->rec_top, __ATOMIC_RELAXED);
 }
 
 PRMEM_INTERNAL void

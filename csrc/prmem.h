@@ -59,6 +59,8 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <errno.h>
 #include <string.h>
 
 /* Kernel interfaces older C libraries may not name. */
@@ -175,18 +177,42 @@ prmem_chunk_is_shared(const prmem_chunk *ch)
     return ch->shared_gen != 0 || ch->shared_with_parent;
 }
 
-/* fstat() for the descriptor identity checks, one on every rare write.
- * glibc's fstat() goes through newfstatat(fd, "", AT_EMPTY_PATH), measured
- * about 15 % slower here than the plain fstat system call, whose struct is
- * glibc's struct stat on x86-64. */
+/* The identity (st_dev, st_ino) of fd's file, for the check made before
+ * every write through a descriptor: 0, or -1 with errno.  statx() asks for
+ * the inode alone: fstat() also asks for the change time, and where the
+ * kernel keeps multigrain timestamps (6.13+, tmpfs and memfds among them) a
+ * queried change time makes the next write take a fine-grained timestamp;
+ * measured here in C, fstat() + an 8-byte pwrite() cost 400 ns against 320
+ * ns with statx(STATX_INO), and a bare pwrite() 190 ns.  A NULL path with
+ * AT_EMPTY_PATH (6.11+) skips copying "" from user space; older kernels
+ * refuse it (EFAULT) and get "" from then on, kernels without statx fstat(). */
 static inline int
-prmem_fstat(int fd, struct stat *st)
+prmem_fd_identity(int fd, dev_t *dev, ino_t *ino)
 {
-#if defined(__x86_64__) && defined(SYS_fstat)
-    return (int)syscall(SYS_fstat, fd, st);
-#else
-    return fstat(fd, st);
+#ifdef SYS_statx
+    static int path_mode; /* 0: NULL path, 1: "" path, 2: no statx */
+    struct statx sx;
+    while (path_mode < 2) {
+        const char *path = path_mode == 0 ? NULL : "";
+        if (syscall(SYS_statx, fd, path, AT_EMPTY_PATH, STATX_INO, &sx) == 0) {
+            *dev = makedev(sx.stx_dev_major, sx.stx_dev_minor);
+            *ino = (ino_t)sx.stx_ino;
+            return 0;
+        }
+        if (errno == EFAULT && path_mode == 0)
+            path_mode = 1;
+        else if (errno == ENOSYS)
+            path_mode = 2;
+        else
+            return -1;
+    }
 #endif
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -1;
+    *dev = st.st_dev;
+    *ino = st.st_ino;
+    return 0;
 }
 
 typedef struct {
@@ -250,7 +276,23 @@ PRMEM_INTERNAL void *prmem_meta_record_alloc(void); /* zeroed; NULL: no memory *
 PRMEM_INTERNAL void prmem_meta_record_free(void *rec);
 PRMEM_INTERNAL void *prmem_meta_alloc(size_t n);    /* zeroed; NULL: no memory */
 PRMEM_INTERNAL void prmem_meta_free(void *p, size_t n);
-PRMEM_INTERNAL int prmem_meta_is_record(const void *p);
+/* Records live in [PRMEM_META_RECORDS, PRMEM_META_HEAP) of the range; the
+ * first word of the range (the metadata header's rec_top) is the offset
+ * where the records handed out so far end. */
+#define PRMEM_META_RECORDS ((size_t)1 << 16)
+#define PRMEM_META_HEAP ((size_t)64 << 20)
+/* p is the start of a pool record handed out so far (free ones included).
+ * Inline: every Pool method checks its record pointer with it. */
+static inline int
+prmem_meta_is_record(const void *p)
+{
+    uintptr_t a = (uintptr_t)p, b = (uintptr_t)prmem_meta_base;
+    if (prmem_meta_base == NULL || a < b + PRMEM_META_RECORDS || a >= b + PRMEM_META_HEAP)
+        return 0;
+    size_t off = a - b;
+    return (off - PRMEM_META_RECORDS) % PRMEM_META_RECORD == 0 &&
+           off < __atomic_load_n((const size_t *)prmem_meta_base, __ATOMIC_RELAXED);
+}
 /* Record slot i (0, 1, ...) of those handed out so far, or NULL past the
  * last; free slots included (zeroed but for their free-list link). */
 PRMEM_INTERNAL const prmem_pool_meta *prmem_meta_record_at(size_t i);
