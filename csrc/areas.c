@@ -23,10 +23,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-PRMEM_INTERNAL size_t prmem_page_size;
-PRMEM_INTERNAL int prmem_page_shift;
-PRMEM_INTERNAL unsigned prmem_features;
-PRMEM_INTERNAL int prmem_enforce = 1;
 
 /* PRMEM_ENFORCE=0 (or false/no/off) turns MMU protection off for debugging
  * with tools that dislike protected pages; anything else enforces. */

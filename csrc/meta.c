@@ -59,45 +59,88 @@ struct meta_header {
     size_t committed_heap;
     size_t fault_root;           /* fault.c's root block (offset), 0: none yet;
                                   * set once, read by the SIGSEGV handler */
+    /* The descriptor of this file, through which every change is written,
+     * and the file's identity, checked before each write; the spare file
+     * kept for fork() (-1: none) and its identity.  Here rather than in
+     * ordinary memory: they decide where metadata writes go. */
+    int fd, spare_fd;
+    dev_t dev, spare_dev;
+    ino_t ino, spare_ino;
 };
 
-PRMEM_INTERNAL char *prmem_meta_base;
-static int meta_fd = -1;
-static dev_t meta_dev; /* meta_fd's file, recorded when it became meta_fd: */
-static ino_t meta_ino; /* every write checks that the descriptor still is it */
-static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
-static int fork_fd = -1; /* the copy made for a child by fork_prepare */
-/* A file made ahead of time, so that a fork() in a process out of
- * descriptors still gives the child metadata of its own. */
-static int spare_fd = -1;
-static int new_file(void);
-static ino_t spare_ino; /* used only if the descriptor is still that file */
+PRMEM_INTERNAL union prmem_root_page prmem_root_page
+    __attribute__((aligned(PRMEM_ROOT_SIZE)));
 
+PRMEM_INTERNAL void
+prmem_root_seal(void)
+{
+    prmem_root.ready = 1;
+    if (prmem_page_size == 0 || prmem_page_size > PRMEM_ROOT_SIZE)
+        return; /* the root does not fill whole pages: cannot protect it alone */
+    /* the verdict is stored while the page is still writable */
+    prmem_root.sealed = (prmem_features & PRMEM_FEAT_MSEAL) ? 2 : 1;
+    if (mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ) < 0) {
+        prmem_root.sealed = 0;
+        return;
+    }
+    if (prmem_root.sealed == 2 &&
+        syscall(SYS_mseal, &prmem_root_page, sizeof(prmem_root_page), 0UL) < 0 &&
+        mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ | PROT_WRITE) == 0) {
+        /* read-only all the same: say so, then read-only again */
+        prmem_root.sealed = 1;
+        mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ);
+    }
+}
+static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Between prmem_meta_fork_prepare() and the fork hooks after it (meta_lock
+ * held throughout in the parent): the copy made for the child, and the
+ * parent's metadata and spare descriptors, which the child closes. */
+static int fork_fd = -1;
+static int fork_parent_fd = -1, fork_parent_spare = -1;
+static int new_file(void);
+
+#define HDR ((const struct meta_header *)prmem_meta_base)
+static void write_locked(void *dst, const void *src, size_t n);
+#define HSETV(field, value)                                                    \
+    do {                                                                       \
+        __typeof__(HDR->field) v_ = (value);                                   \
+        write_locked((void *)&HDR->field, &v_, sizeof(v_));                    \
+    } while (0)
+
+/* With meta_lock held (or at init): a new spare file, recorded in the
+ * header, so that a fork() in a process out of descriptors still gives the
+ * child metadata of its own. */
 static void
 new_spare(void)
 {
-    struct stat st;
-    spare_fd = new_file();
-    if (spare_fd >= 0 && fstat(spare_fd, &st) == 0)
-        spare_ino = st.st_ino;
-    else if (spare_fd >= 0) {
-        close(spare_fd);
-        spare_fd = -1;
+    dev_t dev = 0;
+    ino_t ino = 0;
+    int fd = new_file();
+    if (fd >= 0 && prmem_fd_identity(fd, &dev, &ino) < 0) {
+        close(fd);
+        fd = -1;
     }
+    HSETV(spare_dev, dev);
+    HSETV(spare_ino, ino);
+    HSETV(spare_fd, fd);
 }
 
+/* With meta_lock held: the spare file, now no longer the spare; -1 if there
+ * is none, or if its descriptor was closed or replaced behind prmem's back
+ * (not ours: left alone). */
 static int
 take_spare(void)
 {
-    struct stat st;
-    int fd = spare_fd;
-    spare_fd = -1;
-    if (fd >= 0 && (fstat(fd, &st) < 0 || st.st_ino != spare_ino))
-        return -1; /* closed or replaced behind prmem's back: not ours */
+    int fd = HDR->spare_fd;
+    dev_t dev;
+    ino_t ino;
+    if (fd < 0)
+        return -1;
+    HSETV(spare_fd, -1);
+    if (prmem_fd_identity(fd, &dev, &ino) < 0 || dev != HDR->spare_dev || ino != HDR->spare_ino)
+        return -1;
     return fd;
 }
-
-#define HDR ((const struct meta_header *)prmem_meta_base)
 
 static int
 new_file(void)
@@ -120,27 +163,15 @@ new_file(void)
 static int frozen_errno;
 static int frozen_why;
 
-/* Make fd the metadata file and record its identity; -1 if fstat fails */
-static int
-adopt_file(int fd)
-{
-    dev_t dev = 0;
-    ino_t ino = 0;
-    if (fd >= 0 && prmem_fd_identity(fd, &dev, &ino) < 0)
-        return -1;
-    meta_fd = fd;
-    meta_dev = dev;
-    meta_ino = ino;
-    return 0;
-}
-
+/* The metadata descriptor still names the file mapped at the range */
 static int
 file_is_ours(void)
 {
     dev_t dev;
     ino_t ino;
-    return meta_fd >= 0 && prmem_fd_identity(meta_fd, &dev, &ino) == 0 && dev == meta_dev &&
-           ino == meta_ino;
+    int fd = HDR->fd;
+    return fd >= 0 && prmem_fd_identity(fd, &dev, &ino) == 0 && dev == HDR->dev &&
+           ino == HDR->ino;
 }
 
 _Static_assert(sizeof(prmem_pool_meta) <= PRMEM_META_RECORD, "pool record too large");
@@ -180,45 +211,47 @@ prmem_meta_check_file(void)
 }
 
 static void
-write_at(int fd, size_t off, const void *src, size_t n)
+fail_closed(const char *msg, size_t len)
 {
-    if (fd < 0) {
-        /* Frozen metadata (a child without a file of its own): callers
-         * check prmem_meta_frozen() first, so reaching this is a prmem
-         * bug; never map the metadata writable, fail closed. */
-        static const char msg[] = "prmem: a change to frozen metadata (a fork()ed child "
-                                  "without a metadata file); aborting\n";
-        ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
-        (void)ignored;
-        abort();
-    }
-    if (fd == meta_fd && !file_is_ours()) {
-        /* Replaced between an operation's prmem_meta_check_file() and this
-         * write (a dup2() racing with prmem): never write metadata into
-         * another file, and never go on with metadata half changed. */
-        static const char msg[] = "prmem: prmem's metadata descriptor was closed or replaced "
-                                  "during a metadata change; aborting rather than write "
-                                  "metadata into another file\n";
-        ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
-        (void)ignored;
-        abort();
-    }
+    ssize_t ignored = write(STDERR_FILENO, msg, len);
+    (void)ignored;
+    abort();
+}
+#define FAIL_CLOSED(text) fail_closed(text, sizeof(text) - 1)
+
+/* n bytes at offset off of file fd; aborts if the write fails */
+static void
+write_file(int fd, size_t off, const void *src, size_t n)
+{
     const char *s = src;
     while (n > 0) {
         ssize_t w = pwrite(fd, s, n, (off_t)off);
         if (w < 0 && errno == EINTR)
             continue;
-        if (w <= 0) {
-            static const char msg[] = "prmem: a write to prmem's metadata failed; "
-                                      "aborting rather than go on with inconsistent metadata\n";
-            ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
-            (void)ignored;
-            abort();
-        }
+        if (w <= 0)
+            FAIL_CLOSED("prmem: a write to prmem's metadata failed; aborting rather than go "
+                        "on with inconsistent metadata\n");
         s += w;
         n -= (size_t)w;
         off += (size_t)w;
     }
+}
+
+/* The metadata descriptor, checked to still be the file mapped at the
+ * range; aborts otherwise (callers checked prmem_meta_frozen() and, before
+ * the change began, prmem_meta_check_file(): reaching this is a prmem bug
+ * or a descriptor replaced during the change). */
+static int
+checked_fd(void)
+{
+    if (prmem_meta_frozen() || HDR->fd < 0)
+        FAIL_CLOSED("prmem: a change to frozen metadata (a fork()ed child without a metadata "
+                    "file, or a lost metadata descriptor); aborting\n");
+    if (!file_is_ours())
+        FAIL_CLOSED("prmem: prmem's metadata descriptor was closed or replaced during a "
+                    "metadata change; aborting rather than write metadata into another "
+                    "file\n");
+    return HDR->fd;
 }
 
 static void
@@ -227,7 +260,7 @@ write_locked(void *dst, const void *src, size_t n)
     char *d = dst;
     if (d < prmem_meta_base || d + n > prmem_meta_base + RESERVE || n > RESERVE)
         abort(); /* a prmem bug: never write outside the metadata file */
-    write_at(meta_fd, (size_t)(d - prmem_meta_base), src, n);
+    write_file(checked_fd(), (size_t)(d - prmem_meta_base), src, n);
 }
 
 #define HSET(field, value)                                                     \
@@ -244,37 +277,35 @@ prmem_meta_init(void)
     int fd = new_file();
     if (fd < 0)
         return -1;
+    dev_t dev;
+    ino_t ino;
+    void *base = MAP_FAILED;
     if (ftruncate(fd, (off_t)RESERVE) < 0 ||
-        fallocate(fd, 0, 0, (off_t)prmem_page_size) < 0) {
-        int err = errno;
-        close(fd);
-        errno = err;
-        return -1;
-    }
-    void *base = mmap(NULL, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    if (base == MAP_FAILED) {
+        fallocate(fd, 0, 0, (off_t)prmem_page_size) < 0 ||
+        prmem_fd_identity(fd, &dev, &ino) < 0 ||
+        (base = mmap(NULL, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0)) ==
+            MAP_FAILED) {
         int err = errno;
         close(fd);
         errno = err;
         return -1;
     }
     madvise(base, RESERVE, MADV_DONTDUMP);
-    if (adopt_file(fd) < 0) {
-        int err = errno;
-        munmap(base, RESERVE);
-        close(fd);
-        errno = err;
-        return -1;
-    }
-    prmem_meta_base = base;
-    new_spare();
     struct meta_header h;
     memset(&h, 0, sizeof(h));
     h.rec_top = RECORDS;
     h.heap_top = HEAP;
     h.committed_rec = RECORDS;
     h.committed_heap = HEAP;
-    write_locked(prmem_meta_base, &h, sizeof(h));
+    h.fd = fd;
+    h.dev = dev;
+    h.ino = ino;
+    h.spare_fd = -1;
+    write_file(fd, 0, &h, sizeof(h));
+    prmem_meta_base = base;
+    pthread_mutex_lock(&meta_lock);
+    new_spare();
+    pthread_mutex_unlock(&meta_lock);
     return 0;
 }
 
@@ -286,7 +317,7 @@ prmem_meta_write(void *dst, const void *src, size_t n)
     if (d < prmem_meta_base + RECORDS || d + n > prmem_meta_base + RESERVE || d + n < d)
         abort();
     pthread_mutex_lock(&meta_lock);
-    write_at(meta_fd, (size_t)(d - prmem_meta_base), src, n);
+    write_file(checked_fd(), (size_t)(d - prmem_meta_base), src, n);
     pthread_mutex_unlock(&meta_lock);
 }
 
@@ -310,7 +341,7 @@ commit(size_t field_off, size_t current, size_t to)
     if (to <= current)
         return 0;
     size_t upto = (to + COMMIT_STEP - 1) & ~(COMMIT_STEP - 1);
-    if (fallocate(meta_fd, 0, (off_t)current, (off_t)(upto - current)) < 0) {
+    if (fallocate(checked_fd(), 0, (off_t)current, (off_t)(upto - current)) < 0) {
         if (errno != EOPNOTSUPP)
             return -1;
     }
@@ -333,7 +364,7 @@ prmem_meta_record_alloc(void)
         HSET(rec_free, next);
         rec = prmem_meta_base + off;
         static const char zeros[PRMEM_META_RECORD];
-        write_at(meta_fd, off, zeros, sizeof(zeros));
+        write_file(checked_fd(), off, zeros, sizeof(zeros));
     }
     else if (HDR->rec_top + PRMEM_META_RECORD <= HEAP &&
              commit(offsetof(struct meta_header, committed_rec), HDR->committed_rec,
@@ -353,9 +384,9 @@ prmem_meta_record_free(void *rec)
     pthread_mutex_lock(&meta_lock);
     static const char zeros[PRMEM_META_RECORD];
     size_t off = (size_t)((char *)rec - prmem_meta_base);
-    write_at(meta_fd, off, zeros, sizeof(zeros)); /* the back-reference goes */
+    write_file(checked_fd(), off, zeros, sizeof(zeros)); /* the back-reference goes */
     size_t next = HDR->rec_free;
-    write_at(meta_fd, off, &next, sizeof(next));
+    write_file(checked_fd(), off, &next, sizeof(next));
     HSET(rec_free, off);
     pthread_mutex_unlock(&meta_lock);
 }
@@ -386,7 +417,7 @@ prmem_meta_alloc(size_t n)
         memcpy(&next, prmem_meta_base + off, sizeof(next));
         HSET(heap_free[c], next);
         p = prmem_meta_base + off;
-        write_at(meta_fd, off, &(size_t){0}, sizeof(size_t));
+        write_file(checked_fd(), off, &(size_t){0}, sizeof(size_t));
         /* the rest was zeroed when it was freed */
     }
     else {
@@ -413,17 +444,23 @@ prmem_meta_free(void *p, size_t n)
     if (c < 0 || d < prmem_meta_base + HEAP || d >= prmem_meta_base + RESERVE)
         abort();
     size_t sz = (size_t)1 << (c + MIN_CLASS);
-    if (sz >= COMMIT_STEP)
-        fallocate(meta_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  (off_t)(d - prmem_meta_base), (off_t)sz); /* zero, free the pages */
-    else
-        prmem_meta_zero(d, sz);
-    if (sz >= COMMIT_STEP)
-        fallocate(meta_fd, 0, (off_t)(d - prmem_meta_base), (off_t)sz);
     pthread_mutex_lock(&meta_lock);
+    if (sz >= COMMIT_STEP) {
+        /* zero and free the pages, then allocate them again */
+        fallocate(checked_fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)(d - prmem_meta_base), (off_t)sz);
+        fallocate(checked_fd(), 0, (off_t)(d - prmem_meta_base), (off_t)sz);
+    }
+    else {
+        static const char zeros[4096];
+        for (size_t done = 0; done < sz; done += sizeof(zeros)) {
+            size_t k = sz - done < sizeof(zeros) ? sz - done : sizeof(zeros);
+            write_file(checked_fd(), (size_t)(d - prmem_meta_base) + done, zeros, k);
+        }
+    }
     size_t off = (size_t)(d - prmem_meta_base);
     size_t next = HDR->heap_free[c];
-    write_at(meta_fd, off, &next, sizeof(next));
+    write_file(checked_fd(), off, &next, sizeof(next));
     HSET(heap_free[c], off);
     pthread_mutex_unlock(&meta_lock);
 }
@@ -510,7 +547,7 @@ static void
 copy_range(int to, size_t from_off, size_t end)
 {
     if (end > from_off)
-        write_at(to, from_off, prmem_meta_base + from_off, end - from_off);
+        write_file(to, from_off, prmem_meta_base + from_off, end - from_off);
 }
 
 /* Allocate the pages of [from, to) of file fd; 0, or -1 */
@@ -523,29 +560,51 @@ reserve(int fd, size_t from, size_t to)
 }
 
 /* With every pool lock held: take meta_lock and copy the used parts into a
- * new file for the child (fork_fd; -1 if that fails: the child makes its
- * copy itself then). */
+ * new file for the child (fork_fd; -1 if that fails: the child makes a
+ * private snapshot then).  The copy's header already names the copy's own
+ * descriptor (the same number in the child) and no spare. */
 PRMEM_INTERNAL void
 prmem_meta_fork_prepare(void)
 {
     if (prmem_meta_base == NULL)
         return;
     pthread_mutex_lock(&meta_lock);
+    /* the child closes its copies of these, unless a number no longer
+     * names prmem's file (then it is someone else's) */
+    dev_t sdev;
+    ino_t sino;
+    fork_parent_fd = file_is_ours() ? HDR->fd : -1;
+    fork_parent_spare = HDR->spare_fd >= 0 &&
+                                prmem_fd_identity(HDR->spare_fd, &sdev, &sino) == 0 &&
+                                sdev == HDR->spare_dev && sino == HDR->spare_ino
+                            ? HDR->spare_fd
+                            : -1;
     int fd = new_file();
-    if (fd < 0)
+    if (fd < 0 && !prmem_meta_frozen()) {
         fd = take_spare();
-    if (fd >= 0 && ftruncate(fd, (off_t)RESERVE) < 0) {
-        close(fd);
-        fd = -1;
+        fork_parent_spare = -1; /* the child's file now, or not ours */
     }
-    if (fd >= 0 && (reserve(fd, 0, HDR->committed_rec) < 0 ||
-                    reserve(fd, HEAP, HDR->committed_heap) < 0)) {
+    dev_t dev;
+    ino_t ino;
+    if (fd >= 0 && (ftruncate(fd, (off_t)RESERVE) < 0 ||
+                    reserve(fd, 0, HDR->committed_rec) < 0 ||
+                    reserve(fd, HEAP, HDR->committed_heap) < 0 ||
+                    prmem_fd_identity(fd, &dev, &ino) < 0)) {
         close(fd);
         fd = -1;
     }
     if (fd >= 0) {
         copy_range(fd, 0, HDR->rec_top);
         copy_range(fd, HEAP, HDR->heap_top);
+        struct meta_header h;
+        memcpy(&h, HDR, sizeof(h));
+        h.fd = fd;
+        h.dev = dev;
+        h.ino = ino;
+        h.spare_fd = -1;
+        h.spare_dev = 0;
+        h.spare_ino = 0;
+        write_file(fd, 0, &h, sizeof(h));
     }
     fork_fd = fd;
 }
@@ -557,8 +616,8 @@ prmem_meta_fork_parent(void)
         return;
     if (fork_fd >= 0)
         close(fork_fd);
-    fork_fd = -1;
-    if (spare_fd < 0)
+    fork_fd = fork_parent_fd = fork_parent_spare = -1;
+    if (HDR->spare_fd < 0 && !prmem_meta_frozen())
         new_spare();
     pthread_mutex_unlock(&meta_lock);
 }
@@ -570,10 +629,10 @@ prmem_meta_fork_child(void)
     if (prmem_meta_base == NULL)
         return;
     int fd = fork_fd;
-    fork_fd = -1;
-    int spare = take_spare();
-    if (spare >= 0)
-        close(spare); /* the parent's */
+    int parent_fd = fork_parent_fd;
+    if (fork_parent_spare >= 0)
+        close(fork_parent_spare); /* the parent's */
+    fork_fd = fork_parent_fd = fork_parent_spare = -1;
     if (prmem_meta_frozen()) /* already (descriptor lost): fork.c snapshots */
         freeze(PRMEM_FROZEN_AT_FORK, prmem_meta_frozen());
     if (fd >= 0) {
@@ -581,7 +640,7 @@ prmem_meta_fork_child(void)
                  fd, 0) == MAP_FAILED)
             abort(); /* never go on writing the parent's metadata */
     }
-    else if (meta_fd >= 0) {
+    else {
         /* No file at all (the process was out of descriptors and memory
          * for one): a private read-only snapshot, copied before the parent
          * can change anything of what is in use (it waits in prmem's fork
@@ -604,11 +663,9 @@ prmem_meta_fork_child(void)
         freeze(PRMEM_FROZEN_AT_FORK, EMFILE);
     }
     madvise(prmem_meta_base, RESERVE, MADV_DONTDUMP);
-    if (meta_fd >= 0)
-        close(meta_fd);
-    if (adopt_file(fd) < 0)
-        abort(); /* a file just made for this child: cannot happen */
-    if (fd >= 0)
+    if (parent_fd >= 0)
+        close(parent_fd);
+    if (fd >= 0 && !prmem_meta_frozen())
         new_spare();
     pthread_mutex_unlock(&meta_lock);
 }

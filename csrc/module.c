@@ -106,7 +106,24 @@ set_state_members(PyObject *module, PyObject *members)
     Py_RETURN_NONE;
 }
 
+/* _root() -> (address, state): prmem's root page and how it is protected
+ * ("sealed": read-only and mseal()ed, "read-only", "writable"). */
+static PyObject *
+root_info(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    static const char *const states[] = {"writable", "read-only", "sealed"};
+    int sealed = prmem_root.sealed;
+    return Py_BuildValue("(Ks)", (unsigned long long)(uintptr_t)&prmem_root_page,
+                         states[sealed >= 0 && sealed <= 2 ? sealed : 0]);
+}
+
 static PyMethodDef module_methods[] = {
+    {"_root", root_info, METH_NOARGS,
+     "_root() -> (address, state): prmem's root page (the metadata range's address, the "
+     "page size, the kernel features, enforcement), read-only after import; state is "
+     "'sealed' (read-only and mseal()ed), 'read-only' or 'writable'"},
     {"probe_features", probe_features, METH_NOARGS,
      "Names of the kernel features detected at import (a set of str)."},
     {"_set_state_members", set_state_members, METH_O,
@@ -175,18 +192,24 @@ module_exec(PyObject *module)
         PyErr_SetString(PyExc_ImportError, "prmem: cannot determine the page size");
         return -1;
     }
-    prmem_page_size = (size_t)page;
-    prmem_page_shift = __builtin_ctzl((unsigned long)page);
-    prmem_features = prmem_probe_features();
-    if (apply_disabled_features() < 0)
-        return -1;
-    prmem_enforce = prmem_read_enforce();
-    if (prmem_meta_init() < 0) {
-        prmem_set_oserror("prmem: reserving prmem's metadata", errno);
-        return -1;
+    /* prmem's root is set by the first init of the module in the process
+     * and read-only from then on (prmem_root_seal); later inits (another
+     * interpreter, a re-import) use it as it is. */
+    if (!prmem_root.ready) {
+        prmem_page_size = (size_t)page;
+        prmem_page_shift = __builtin_ctzl((unsigned long)page);
+        prmem_features = prmem_probe_features();
+        if (apply_disabled_features() < 0)
+            return -1;
+        prmem_enforce = prmem_read_enforce();
+        if (prmem_meta_init() < 0) {
+            prmem_set_oserror("prmem: reserving prmem's metadata", errno);
+            return -1;
+        }
+        if (prmem_fork_init() < 0)
+            return -1;
+        prmem_root_seal();
     }
-    if (prmem_fork_init() < 0)
-        return -1;
 
     if (add_type(module, &prmem_pool_spec, &st->PoolType, "Pool") < 0 ||
         add_type(module, &prmem_allocation_spec, &st->AllocationType, "Allocation") < 0 ||

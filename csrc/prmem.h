@@ -115,6 +115,39 @@
 
 #define PRMEM_INTERNAL __attribute__((visibility("hidden")))
 
+/*
+ * prmem's root: the values set once, at the first module init, that decide
+ * where every other piece of state is (the metadata range) and whether
+ * pages get protected at all.  Once set they are made read-only for the
+ * life of the process (mprotect, then mseal where the kernel has it): the
+ * counterpart of the kernel's __ro_after_init for prmem's own globals.
+ * The struct fills its own page(s) of the extension's data, so its address
+ * is a link-time constant (hidden visibility: PC-relative), not a pointer
+ * kept in writable memory.  meta.c owns it (prmem_root_seal).
+ */
+#define PRMEM_ROOT_SIZE 65536 /* the largest page size prmem expects */
+struct prmem_root {
+    char *meta_base;     /* prmem's metadata range (meta.c) */
+    size_t page_size;
+    unsigned features;   /* PRMEM_FEAT_* the kernel has, minus disabled ones */
+    int page_shift;
+    int enforce;         /* 0 when PRMEM_ENFORCE=0: states and checks as
+                          * usual, pages never protected */
+    int ready;           /* set: later module inits leave the root alone */
+    int sealed;          /* 2: read-only and mseal()ed, 1: read-only, 0: not */
+};
+union prmem_root_page {
+    struct prmem_root r;
+    char page[PRMEM_ROOT_SIZE];
+};
+extern PRMEM_INTERNAL union prmem_root_page prmem_root_page;
+#define prmem_root (prmem_root_page.r)
+#define prmem_meta_base (prmem_root.meta_base)
+#define prmem_page_size (prmem_root.page_size)
+#define prmem_page_shift (prmem_root.page_shift)
+#define prmem_features (prmem_root.features)
+#define prmem_enforce (prmem_root.enforce)
+
 PRMEM_INTERNAL int prmem_sys_mseal(void *addr, size_t len);
 
 /* Values shared with prmem.State / prmem.Mode (src/prmem/pool.py). */
@@ -268,8 +301,11 @@ typedef struct prmem_pool_meta {
  * below every other prmem lock. */
 #define PRMEM_META_RESERVE ((size_t)1 << 30)
 #define PRMEM_META_RECORD 256
-extern PRMEM_INTERNAL char *prmem_meta_base;
+/* (prmem_meta_base, the start of the range, is part of prmem's root below) */
 PRMEM_INTERNAL int prmem_meta_init(void);          /* 0, or -1 with errno */
+/* Make prmem's root read-only for good (after the first module init has
+ * set it): records how in prmem_root.sealed. */
+PRMEM_INTERNAL void prmem_root_seal(void);
 PRMEM_INTERNAL void prmem_meta_write(void *dst, const void *src, size_t n);
 PRMEM_INTERNAL void prmem_meta_zero(void *dst, size_t n);
 PRMEM_INTERNAL void *prmem_meta_record_alloc(void); /* zeroed; NULL: no memory */
@@ -458,12 +494,6 @@ struct prmem_module_state {
     PyObject *MappingABC;           /* collections.abc.Mapping */
 };
 
-/* Globals set once at module import. */
-extern PRMEM_INTERNAL size_t prmem_page_size;
-extern PRMEM_INTERNAL int prmem_page_shift;
-extern PRMEM_INTERNAL unsigned prmem_features;
-/* 0 when PRMEM_ENFORCE=0: states and checks as usual, pages never protected */
-extern PRMEM_INTERNAL int prmem_enforce;
 
 static inline const char *
 prmem_state_name(int state)

@@ -68,6 +68,24 @@ def test_native_write_to_metadata_dies(state):
     assert proc.returncode == -signal.SIGSEGV, proc.stderr
 
 
+def test_native_write_to_the_metadata_header_dies():
+    # page 0 of the range is the metadata allocator's header, which also
+    # holds the descriptor every metadata write goes through (and the spare
+    # file's): read-only like the rest
+    proc = run_child(
+        "pool = Pool(Mode.WR, name='meta-header')\n"
+        "with open('/proc/self/maps') as f:\n"
+        "    base = min(int(l.split('-')[0], 16) for l in f if 'prmem-metadata' in l)\n"
+        "import ctypes\n"
+        "print('before', flush=True)\n"
+        "ctypes.memset(base + 256, 0x41, 64)\n"
+        "print('survived', flush=True)\n"
+    )
+    assert "before" in proc.stdout, proc.stderr
+    assert "survived" not in proc.stdout
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr
+
+
 def test_a_pointer_outside_the_metadata_is_not_followed():
     # The PoolObject's pointer to its record is ordinary memory: overwrite it
     # (found by its value after the object header) and the pool refuses.
@@ -211,3 +229,48 @@ class MetadataMachine(RuleBasedStateMachine):
 
 TestMetadataMachine = MetadataMachine.TestCase
 TestMetadataMachine.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+
+
+def test_the_root_is_read_only_after_import():
+    # prmem's root (the metadata range's address, the page size, the
+    # features, enforcement) is set by the first module init and then
+    # read-only, and sealed where the kernel has mseal: a native store dies,
+    # mprotect() cannot make it writable again
+    from prmem import _core
+    addr, state = _core._root()
+    assert state == ("sealed" if "mseal" in prmem.features else "read-only")
+    assert addr % 4096 == 0
+    proc = run_child(
+        "import ctypes, errno\n"
+        "from prmem import _core\n"
+        "addr, state = _core._root()\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)\n"
+        "rc = libc.mprotect(addr, 4096, 3)\n"
+        "print('mprotect', rc, errno.errorcode.get(ctypes.get_errno()), flush=True)\n"
+        "print('before', flush=True)\n"
+        "ctypes.memset(addr, 0x41, 8)\n"
+        "print('survived', flush=True)\n"
+    )
+    if "mseal" in prmem.features:
+        assert "mprotect -1 EPERM" in proc.stdout, proc.stdout + proc.stderr
+        assert "before" in proc.stdout, proc.stderr
+        assert "survived" not in proc.stdout
+        assert proc.returncode == -signal.SIGSEGV, proc.stderr
+
+
+def test_a_second_module_init_leaves_the_root_alone():
+    # a re-import runs the module's init again: it must not write the
+    # (read-only) root, and prmem keeps working
+    proc = run_child(
+        "import importlib, sys\n"
+        "first = sys.modules.pop('prmem._core')\n"
+        "again = importlib.import_module('prmem._core')\n"
+        "assert again is not first and again._root() == first._root()\n"
+        "pool = Pool(Mode.WR, name='after-reimport')\n"
+        "a = pool.alloc(8)\n"
+        "pool.protect()\n"
+        "pool.rare_write(a, b'ok')\n"
+        "print('OK', bytes(a[:2]), flush=True)\n"
+    )
+    assert "OK b'ok'" in proc.stdout, proc.stdout + proc.stderr

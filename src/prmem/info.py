@@ -53,6 +53,13 @@ def describe() -> List[str]:
     for name, note in FEATURE_NOTES.items():
         mark = "yes" if name in prmem.features else "no "
         lines.append(f"  [{mark}] {name:<24} {note}")
+    from . import _core
+    root_state = _core._root()[1]
+    lines.append("prmem's own root (metadata address, page size, features, enforcement): "
+                 + {"sealed": "read-only and sealed (mseal) since import",
+                    "read-only": "read-only since import (not sealed: no mseal here, so "
+                                 "mprotect() could make it writable again)",
+                    }.get(root_state, "WRITABLE: it could not be made read-only"))
     lines.append(f"transparent huge pages for shared memory (shmem_enabled): {shmem_thp()}; "
                  "prmem asks for them (MADV_HUGEPAGE) on areas of 2 MiB or more, and the "
                  "kernel uses them for its memory files only if this says advise, "
