@@ -479,6 +479,14 @@ Pool_init(PoolObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "prmem pool is already initialised");
         return -1;
     }
+    prmem_error fe;
+    if (prmem_refuse_if_frozen(st, NULL, 1, &fe) < 0) { /* what follows writes metadata */
+        POOL_UNLOCK(self);
+        Py_DECREF(exact_name);
+        PyMem_RawFree(cname);
+        prmem_raise(&fe);
+        return -1;
+    }
     static unsigned long long next_serial = 1;
     self->serial = __atomic_fetch_add(&next_serial, 1, __ATOMIC_RELAXED);
     META_SET(self->m->serial, self->serial);
@@ -512,6 +520,9 @@ Pool_dealloc(PoolObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     if (self->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
+    /* Releasing writes metadata: if its descriptor was lost, metadata is
+     * frozen now, and what follows changes none (cannot raise here). */
+    prmem_meta_check_file();
     prmem_registry_remove(self);
     /* No allocation or buffer view can be alive: each holds a reference.
      * A pool whose record does not check out is left mapped: its tables

@@ -600,9 +600,11 @@ prmem_pool_release(PoolObject *pool)
              * closed, only forgotten. */
             if (prmem_check_backing(pool, ch, NULL) == 0) {
                 /* memfd_secret pages are zeroed by the kernel when freed; a
-                 * file another process still maps (keep_data) is its
-                 * memory too */
-                if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data)
+                 * file another process still maps (keep_data; with frozen
+                 * metadata, any chunk still marked shared, as nothing could
+                 * record whether it still is) is its memory too */
+                if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data &&
+                    !(frozen && prmem_chunk_is_shared(ch)))
                     prmem_zero_chunk_data(ch);
                 close(ch->fd);
             }

@@ -796,6 +796,8 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
     fault_range tmpl;
     memset(&tmpl, 0, sizeof(tmpl));
+    if (prmem_meta_frozen())
+        return 0; /* nothing can be recorded (the range goes unreported) */
     tmpl.start = (uintptr_t)start;
     tmpl.end = (uintptr_t)start + size;
     tmpl.m = pool->m;

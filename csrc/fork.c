@@ -105,8 +105,10 @@ prmem_registry_remove(PoolObject *pool)
             if (ngone == MAX_GONE) {
                 /* cannot remember it: a later fork() would follow a freed
                  * pool; fail closed */
-                static const char msg[] = "prmem: too many pools destroyed in a fork()ed "
-                                          "child without metadata of its own; aborting\n";
+                static const char msg[] = "prmem: too many pools destroyed while prmem's "
+                                          "metadata is frozen (a fork()ed child without "
+                                          "metadata of its own, or a lost metadata "
+                                          "descriptor); aborting\n";
                 ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
                 (void)ignored;
                 abort();
@@ -320,7 +322,8 @@ snapshot_chunk(PoolObject *pool, size_t ci, int record)
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) == MAP_FAILED)
         return -1;
     prmem_advise(pool, ch, ch->base, ch->size);
-    if (ch->fd >= 0)
+    /* a number that no longer names the pool's file is someone else's */
+    if (ch->fd >= 0 && prmem_check_backing(pool, ch, NULL) == 0)
         close(ch->fd);
     if (record) { /* else frozen metadata: the stale number is never used */
         META_SET(ch->fd, -1);
@@ -357,6 +360,19 @@ child(void)
             }
             /* the parent's children are not ours */
             META_SET(ch->shared_gen, 0ULL);
+            if (!ch->sealed && ch->fd >= 0 && prmem_check_backing(p, ch, NULL) < 0) {
+                /* The number names another file now (closed and reused,
+                 * or dup2()ed over): never touch it.  The child keeps a
+                 * private snapshot of what the mapping shows, and the pool
+                 * refuses changes here, as after a failed copy. */
+                META_SET(ch->shared_with_parent, 0);
+                if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
+                    mprotect(ch->base, ch->used, PROT_READ);
+                META_SET(p->m->fork_errno, EBADF);
+                if (snapshot_chunk(p, ci, 1) < 0)
+                    mprotect(ch->base, ch->size, PROT_NONE);
+                continue;
+            }
             if (!copied_at_fork(p, ci)) {
                 META_SET(ch->shared_with_parent, 0);
                 if (lazy && !ch->sealed && ch->fd >= 0 && share_readonly(p, ci) == 0) {

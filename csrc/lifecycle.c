@@ -73,8 +73,8 @@ static void warn_sealed_leftovers(void);
 static void
 release_locked(PoolObject *self)
 {
-    if (prmem_meta_frozen())
-        return; /* cannot be recorded: the memory goes with the Pool object */
+    if (prmem_meta_check_file())
+        return; /* frozen: cannot be recorded; the memory goes with the Pool object */
     prmem_forget_fault_ranges(self);
     prmem_pool_unshare_for_release(self);
     prmem_pool_release(self);

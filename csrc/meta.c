@@ -71,25 +71,26 @@ struct meta_header {
 PRMEM_INTERNAL union prmem_root_page prmem_root_page
     __attribute__((aligned(PRMEM_ROOT_SIZE)));
 
+static int root_state;
+
+PRMEM_INTERNAL int
+prmem_root_state(void)
+{
+    return root_state;
+}
+
 PRMEM_INTERNAL void
 prmem_root_seal(void)
 {
     prmem_root.ready = 1;
     if (prmem_page_size == 0 || prmem_page_size > PRMEM_ROOT_SIZE)
         return; /* the root does not fill whole pages: cannot protect it alone */
-    /* the verdict is stored while the page is still writable */
-    prmem_root.sealed = (prmem_features & PRMEM_FEAT_MSEAL) ? 2 : 1;
-    if (mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ) < 0) {
-        prmem_root.sealed = 0;
+    if (mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ) < 0)
         return;
-    }
-    if (prmem_root.sealed == 2 &&
-        syscall(SYS_mseal, &prmem_root_page, sizeof(prmem_root_page), 0UL) < 0 &&
-        mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ | PROT_WRITE) == 0) {
-        /* read-only all the same: say so, then read-only again */
-        prmem_root.sealed = 1;
-        mprotect(&prmem_root_page, sizeof(prmem_root_page), PROT_READ);
-    }
+    root_state = 1;
+    if ((prmem_features & PRMEM_FEAT_MSEAL) &&
+        syscall(SYS_mseal, &prmem_root_page, sizeof(prmem_root_page), 0UL) == 0)
+        root_state = 2;
 }
 static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
 /* Between prmem_meta_fork_prepare() and the fork hooks after it (meta_lock
@@ -187,7 +188,11 @@ prmem_meta_frozen(void)
 PRMEM_INTERNAL int
 prmem_meta_frozen_why(void)
 {
-    return prmem_meta_frozen() ? __atomic_load_n(&frozen_why, __ATOMIC_RELAXED) : 0;
+    /* acquire: pairs with freeze()'s release store, so why is the one
+     * stored before errno */
+    return __atomic_load_n(&frozen_errno, __ATOMIC_ACQUIRE)
+               ? __atomic_load_n(&frozen_why, __ATOMIC_RELAXED)
+               : 0;
 }
 
 static void
@@ -579,19 +584,25 @@ prmem_meta_fork_prepare(void)
                                 sdev == HDR->spare_dev && sino == HDR->spare_ino
                             ? HDR->spare_fd
                             : -1;
-    int fd = new_file();
-    if (fd < 0 && !prmem_meta_frozen()) {
-        fd = take_spare();
-        fork_parent_spare = -1; /* the child's file now, or not ours */
-    }
+    /* a new file, or else the spare (out of descriptors, or the new file
+     * could not be given its pages) */
+    int fd = -1;
     dev_t dev;
     ino_t ino;
-    if (fd >= 0 && (ftruncate(fd, (off_t)RESERVE) < 0 ||
-                    reserve(fd, 0, HDR->committed_rec) < 0 ||
-                    reserve(fd, HEAP, HDR->committed_heap) < 0 ||
-                    prmem_fd_identity(fd, &dev, &ino) < 0)) {
-        close(fd);
-        fd = -1;
+    for (int attempt = 0; attempt < 2 && fd < 0; attempt++) {
+        if (attempt == 0)
+            fd = new_file();
+        else if (!prmem_meta_frozen()) {
+            fd = take_spare();
+            fork_parent_spare = -1; /* the child's file now, or not ours */
+        }
+        if (fd >= 0 && (ftruncate(fd, (off_t)RESERVE) < 0 ||
+                        reserve(fd, 0, HDR->committed_rec) < 0 ||
+                        reserve(fd, HEAP, HDR->committed_heap) < 0 ||
+                        prmem_fd_identity(fd, &dev, &ino) < 0)) {
+            close(fd);
+            fd = -1;
+        }
     }
     if (fd >= 0) {
         copy_range(fd, 0, HDR->rec_top);

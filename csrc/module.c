@@ -114,7 +114,7 @@ root_info(PyObject *module, PyObject *unused)
     (void)module;
     (void)unused;
     static const char *const states[] = {"writable", "read-only", "sealed"};
-    int sealed = prmem_root.sealed;
+    int sealed = prmem_root_state();
     return Py_BuildValue("(Ks)", (unsigned long long)(uintptr_t)&prmem_root_page,
                          states[sealed >= 0 && sealed <= 2 ? sealed : 0]);
 }

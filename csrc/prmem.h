@@ -134,7 +134,6 @@ struct prmem_root {
     int enforce;         /* 0 when PRMEM_ENFORCE=0: states and checks as
                           * usual, pages never protected */
     int ready;           /* set: later module inits leave the root alone */
-    int sealed;          /* 2: read-only and mseal()ed, 1: read-only, 0: not */
 };
 union prmem_root_page {
     struct prmem_root r;
@@ -211,33 +210,46 @@ prmem_chunk_is_shared(const prmem_chunk *ch)
 }
 
 /* The identity (st_dev, st_ino) of fd's file, for the check made before
- * every write through a descriptor: 0, or -1 with errno.  statx() asks for
- * the inode alone: fstat() also asks for the change time, and where the
- * kernel keeps multigrain timestamps (6.13+, tmpfs and memfds among them) a
- * queried change time makes the next write take a fine-grained timestamp;
- * measured here in C, fstat() + an 8-byte pwrite() cost 400 ns against 320
- * ns with statx(STATX_INO), and a bare pwrite() 190 ns.  A NULL path with
- * AT_EMPTY_PATH (6.11+) skips copying "" from user space; older kernels
- * refuse it (EFAULT) and get "" from then on, kernels without statx fstat(). */
+ * every write through a descriptor: 0, or -1 with errno (EBADF: no such
+ * descriptor).  statx() asks for the inode alone: fstat() also asks for the
+ * change time, and where the kernel keeps multigrain timestamps (6.13+,
+ * tmpfs and memfds among them) a queried change time makes the next write
+ * take a fine-grained timestamp; measured here in C, fstat() + an 8-byte
+ * pwrite() cost 400 ns against 320 ns with statx(STATX_INO), and a bare
+ * pwrite() 190 ns.  A NULL path with AT_EMPTY_PATH (6.11+) skips copying ""
+ * from user space; older kernels refuse it (EFAULT) and get "" from then
+ * on.  Any other failure of statx() (ENOSYS, a seccomp filter's EPERM,
+ * ENOMEM, no inode in the answer) falls back to fstat(), so only fstat()'s
+ * own answer can call a descriptor bad; where statx() is missing or
+ * filtered for good, fstat() is used from then on.  The mode is one int per
+ * translation unit, read and written with relaxed atomics: racing threads
+ * at worst try a path that no longer works once more. */
 static inline int
 prmem_fd_identity(int fd, dev_t *dev, ino_t *ino)
 {
-#ifdef SYS_statx
-    static int path_mode; /* 0: NULL path, 1: "" path, 2: no statx */
-    struct statx sx;
-    while (path_mode < 2) {
-        const char *path = path_mode == 0 ? NULL : "";
-        if (syscall(SYS_statx, fd, path, AT_EMPTY_PATH, STATX_INO, &sx) == 0) {
+#if defined(SYS_statx) && defined(STATX_INO)
+    static int path_mode; /* 0: NULL path, 1: "" path, 2: fstat() only */
+    int mode = __atomic_load_n(&path_mode, __ATOMIC_RELAXED);
+    while (mode < 2) {
+        struct statx sx;
+        if (syscall(SYS_statx, fd, mode == 0 ? NULL : "", AT_EMPTY_PATH, STATX_INO, &sx) ==
+                0 &&
+            (sx.stx_mask & STATX_INO)) {
             *dev = makedev(sx.stx_dev_major, sx.stx_dev_minor);
             *ino = (ino_t)sx.stx_ino;
             return 0;
         }
-        if (errno == EFAULT && path_mode == 0)
-            path_mode = 1;
-        else if (errno == ENOSYS)
-            path_mode = 2;
-        else
+        if (errno == EBADF)
             return -1;
+        if (mode == 0 && errno == EFAULT)
+            mode = 1;
+        else {
+            if (errno == ENOSYS || errno == EPERM)
+                mode = 2;
+            __atomic_store_n(&path_mode, mode, __ATOMIC_RELAXED);
+            break; /* fstat() this time */
+        }
+        __atomic_store_n(&path_mode, mode, __ATOMIC_RELAXED);
     }
 #endif
     struct stat st;
@@ -304,8 +316,11 @@ typedef struct prmem_pool_meta {
 /* (prmem_meta_base, the start of the range, is part of prmem's root below) */
 PRMEM_INTERNAL int prmem_meta_init(void);          /* 0, or -1 with errno */
 /* Make prmem's root read-only for good (after the first module init has
- * set it): records how in prmem_root.sealed. */
+ * set it). */
 PRMEM_INTERNAL void prmem_root_seal(void);
+/* How the root is protected: 2 read-only and mseal()ed, 1 read-only, 0 not
+ * (kept outside the root: it is only reported) */
+PRMEM_INTERNAL int prmem_root_state(void);
 PRMEM_INTERNAL void prmem_meta_write(void *dst, const void *src, size_t n);
 PRMEM_INTERNAL void prmem_meta_zero(void *dst, size_t n);
 PRMEM_INTERNAL void *prmem_meta_record_alloc(void); /* zeroed; NULL: no memory */

@@ -69,6 +69,9 @@ dup_chunk(PoolObject *pool, size_t ci, int *fd, uint64_t *file_size, prmem_error
 {
     const prmem_chunk *ch = &pool->m->chunks[ci];
     struct stat st;
+    /* never hand another process a file that is not the pool's */
+    if (prmem_check_backing(pool, ch, e) < 0)
+        return -1;
     if (fstat(ch->fd, &st) < 0)
         return prmem_fail_os(e, "fstat", errno);
     *fd = fcntl(ch->fd, F_DUPFD_CLOEXEC, 0);
@@ -314,6 +317,11 @@ attach(PyObject *module, PyObject *args)
     }
     if (n == 0) {
         PyErr_SetString(st->ProtectionError, "nothing was received to attach");
+        goto close_all;
+    }
+    prmem_error fe;
+    if (prmem_refuse_if_frozen(st, NULL, 1, &fe) < 0) { /* attaching writes metadata */
+        prmem_raise(&fe);
         goto close_all;
     }
     PoolObject *pool = (PoolObject *)pool_obj;

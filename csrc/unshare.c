@@ -190,11 +190,12 @@ chunk_still_shared(const prmem_chunk *ch)
 PRMEM_INTERNAL void
 prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd)
 {
-    struct stat st;
+    dev_t dev;
+    ino_t ino;
     int errsave = errno;
-    if (fstat(fd, &st) == 0) {
-        META_SET(ch->dev, st.st_dev);
-        META_SET(ch->ino, st.st_ino);
+    if (prmem_fd_identity(fd, &dev, &ino) == 0) {
+        META_SET(ch->dev, dev);
+        META_SET(ch->ino, ino);
     }
     close(ch->fd);
     META_SET(ch->fd, fd);
@@ -294,6 +295,9 @@ prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e)
 PRMEM_INTERNAL void
 prmem_pool_unshare_for_release(PoolObject *pool)
 {
+    if (prmem_meta_frozen())
+        return; /* nothing can be recorded: prmem_pool_release() keeps the
+                 * data of every chunk still marked shared */
     for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
         const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!prmem_chunk_is_shared(ch))

@@ -305,3 +305,119 @@ print("OK")
 """ % (how, how, first))
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+LOST = {
+    # nothing between losing the descriptor and letting the pool go
+    "dealloc": """
+del a, pool
+""",
+    # a deferred destroy that happens when the last view goes
+    "deferred_destroy": """
+pool2 = Pool(Mode.WR, name="lost-deferred")
+b = pool2.alloc(64)
+v = memoryview(b)
+assert pool2._destroy_when_released() is False
+lose()
+v.release()
+del b, pool2, a, pool
+""",
+    # a chunk still marked shared after a lazy fork() whose child is gone
+    "shared_after_fork": """
+pool.protect()
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+lose()
+try:
+    pool.alloc(1 << 20)
+    raise SystemExit("not refused")
+except prmem.ProtectionError:
+    pass
+del a, pool
+""",
+    # Pool.__new__, then the descriptor goes, then __init__
+    "init": """
+half = Pool.__new__(Pool)
+lose()
+try:
+    half.__init__(Mode.WR, name="half")
+    raise SystemExit("not refused")
+except prmem.ProtectionError as e:
+    assert "metadata" in str(e), e
+del half, a, pool
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOST))
+def test_losing_the_metadata_descriptor_never_aborts(case):
+    # whichever path first needs metadata after its descriptor was replaced
+    # (dealloc, a deferred destroy, release of a chunk a fork() shared,
+    # Pool.__init__) freezes it and goes on: exit status 0, the other file
+    # untouched
+    body = LOST[case]
+    setup = "" if "lose()" in body else "lose()\n"
+    proc = run_child(META_FD + """
+import tempfile
+other = tempfile.NamedTemporaryFile()
+other.write(b"O" * 65536); other.flush()
+pool = Pool(Mode.WR, name="lost-" + %r)
+a = pool.alloc(64)
+def lose():
+    os.dup2(other.fileno(), metadata_fd())
+""" % case + setup + body + """
+import gc; gc.collect()
+other.seek(0)
+assert other.read() == b"O" * 65536
+print("OK", flush=True)
+""")
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_fork_never_touches_a_reused_pool_descriptor():
+    # the pool's descriptor is closed and an open() reuses the number for a
+    # user file; fork(): the child must not chmod, read, map or close the
+    # user's file; its pool keeps the data (a private snapshot) and refuses
+    # changes; the parent refuses rare writes through the wrong file
+    proc = run_child(POOL_FD + """
+import stat, tempfile
+user = tempfile.NamedTemporaryFile()
+user.write(b"VICTIM" * 100); user.flush()
+os.chmod(user.name, 0o644)
+pool = Pool(Mode.WR, name="fork-reused")
+a = pool.alloc(64)
+a.write(b"pooldata")
+pool.protect()
+fd = pool_fd("fork-reused")
+os.close(fd)
+assert os.open(user.name, os.O_RDWR) == fd
+pid = os.fork()
+if pid == 0:
+    ok = bytes(a[:8]) == b"pooldata"
+    try:
+        pool.rare_write(a, b"x")
+        ok = False
+    except prmem.PrmemError:
+        pass
+    try:
+        os.fstat(fd)  # still open: not the child's to close
+    except OSError:
+        ok = False
+    os._exit(0 if ok else 3)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+assert stat.S_IMODE(os.stat(user.name).st_mode) == 0o644
+with open(user.name, "rb") as f:
+    assert f.read() == b"VICTIM" * 100
+try:
+    pool.rare_write(a, b"x")
+    raise SystemExit("not refused")
+except prmem.ProtectionError:
+    pass
+assert bytes(a[:8]) == b"pooldata"
+print("OK", flush=True)
+""")
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
