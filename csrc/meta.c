@@ -326,19 +326,6 @@ prmem_meta_write(void *dst, const void *src, size_t n)
     pthread_mutex_unlock(&meta_lock);
 }
 
-PRMEM_INTERNAL void
-prmem_meta_zero(void *dst, size_t n)
-{
-    static const char zeros[4096];
-    char *d = dst;
-    while (n > 0) {
-        size_t k = n < sizeof(zeros) ? n : sizeof(zeros);
-        prmem_meta_write(d, zeros, k);
-        d += k;
-        n -= k;
-    }
-}
-
 /* Make [from, to) backed by allocated pages; 0, or -1 (ENOMEM) */
 static int
 commit(size_t field_off, size_t current, size_t to)

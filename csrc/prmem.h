@@ -322,7 +322,6 @@ PRMEM_INTERNAL void prmem_root_seal(void);
  * (kept outside the root: it is only reported) */
 PRMEM_INTERNAL int prmem_root_state(void);
 PRMEM_INTERNAL void prmem_meta_write(void *dst, const void *src, size_t n);
-PRMEM_INTERNAL void prmem_meta_zero(void *dst, size_t n);
 PRMEM_INTERNAL void *prmem_meta_record_alloc(void); /* zeroed; NULL: no memory */
 PRMEM_INTERNAL void prmem_meta_record_free(void *rec);
 PRMEM_INTERNAL void *prmem_meta_alloc(size_t n);    /* zeroed; NULL: no memory */
