@@ -577,9 +577,10 @@ PRMEM_INTERNAL void
 prmem_pool_release(PoolObject *pool)
 {
     int frozen = prmem_meta_frozen() != 0;
-    /* In a fork()ed child with frozen metadata, fork.c closed every
-     * descriptor the table names and left private snapshots, so the
-     * numbers are stale: nothing to zero or close.  Frozen because the
+    /* In a fork()ed child with frozen metadata, fork.c closed the
+     * descriptor of every unsealed chunk and left private snapshots, so
+     * those numbers are stale: nothing to zero or close (a sealed chunk's
+     * read-only descriptor, kept for share=True, is still open).  Frozen because the
      * metadata descriptor was lost, the pool's own descriptors are live. */
     int stale_fds = prmem_meta_frozen_why() == PRMEM_FROZEN_AT_FORK;
     for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
@@ -594,7 +595,7 @@ prmem_pool_release(PoolObject *pool)
         }
         else if (ch->size > 0)
             munmap(ch->base, ch->size);
-        if (ch->fd >= 0 && !stale_fds) {
+        if (ch->fd >= 0 && !(stale_fds && !ch->sealed)) {
             /* A descriptor that is no longer the recorded file (closed or
              * replaced by a dup2()) is someone else's: neither zeroed nor
              * closed, only forgotten. */
