@@ -289,6 +289,41 @@ pool.protect()
 with pool.access():
     outcome("read" if ctypes.string_at(a.address, 3) == b"key" else "wrong")
 """),
+    Scenario("prmem's metadata: native write to a pool's record", "SIGSEGV", """
+pool, a = filled(Mode.WR)
+record = pool._metadata_address()
+armed()
+ctypes.memset(record + 8, 0x41, 8)
+outcome("written")
+"""),
+    Scenario("prmem's root after import: native write", "SIGSEGV", """
+from prmem import _core
+root = _core._root()[0]
+armed()
+ctypes.memset(root, 0x41, 8)
+outcome("written")
+"""),
+    Scenario("WR pool: rare_write after dup2() over the pool's descriptor", "ProtectionError",
+             """
+import tempfile
+pool, a = filled(Mode.WR)
+other = tempfile.TemporaryFile()
+other.write(b"O" * 4096)
+other.flush()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:prmem:selftest "):
+            os.dup2(other.fileno(), int(fd))
+    except OSError:
+        pass
+try:
+    prmem.rare_write(a, b"!")
+    result = "written"
+except prmem.ProtectionError:
+    result = "ProtectionError"
+other.seek(0)
+outcome(result if other.read() == b"O" * 4096 else "written into another file")
+"""),
     Scenario("fork: a child's view of shared write-rare memory: mprotect(PROT_WRITE)",
              "EACCES", """
 pool, a = filled(Mode.WR)
