@@ -49,14 +49,14 @@
  * a stray store could bend to leave a pool's writable memory shared with a
  * child.  registry_lock orders registration against the handlers: a
  * registered record is neither unregistered nor freed while it is held.
- * A fork()ed child whose metadata is frozen (no file of its own, meta.c)
- * cannot change a record: the pools it unregisters are remembered in
- * `gone`, ordinary memory of that degraded child only.
+ * A process whose metadata is frozen (a fork()ed child without a file of
+ * its own, or a lost metadata descriptor: meta.c) cannot change a record:
+ * the pools it unregisters are remembered in `gone`, ordinary memory of
+ * that degraded process only.
  */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-#define MAX_GONE 4096
-static const prmem_pool_meta *gone[MAX_GONE];
-static size_t ngone;
+static const prmem_pool_meta **gone; /* grown by doubling (plain malloc) */
+static size_t ngone, gone_cap;
 
 static int
 is_gone(const prmem_pool_meta *m)
@@ -102,16 +102,22 @@ prmem_registry_remove(PoolObject *pool)
         if (!prmem_meta_frozen())
             META_SET(pool->m->registered, 0);
         else if (!is_gone(pool->m)) {
-            if (ngone == MAX_GONE) {
-                /* cannot remember it: a later fork() would follow a freed
-                 * pool; fail closed */
-                static const char msg[] = "prmem: too many pools destroyed while prmem's "
-                                          "metadata is frozen (a fork()ed child without "
-                                          "metadata of its own, or a lost metadata "
-                                          "descriptor); aborting\n";
-                ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
-                (void)ignored;
-                abort();
+            if (ngone == gone_cap) {
+                size_t cap = gone_cap ? gone_cap * 2 : 64;
+                const prmem_pool_meta **more =
+                    cap > gone_cap ? realloc((void *)gone, cap * sizeof(*gone)) : NULL;
+                if (more == NULL) {
+                    /* cannot remember it: a later fork() would follow a
+                     * freed pool; fail closed */
+                    static const char msg[] = "prmem: out of memory to remember a pool "
+                                              "destroyed while prmem's metadata is frozen; "
+                                              "aborting\n";
+                    ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+                    (void)ignored;
+                    abort();
+                }
+                gone = more;
+                gone_cap = cap;
             }
             gone[ngone++] = pool->m;
         }

@@ -421,3 +421,23 @@ print("OK", flush=True)
 """)
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+def test_more_pools_than_ever_fit_a_fixed_list_go_away_while_frozen():
+    # with metadata frozen, destroyed pools are remembered in ordinary
+    # memory (a fork() must not follow them); that list grows: releasing
+    # 5,000 pools and then forking neither aborts nor follows a freed pool
+    proc = run_child(META_FD + """
+import tempfile
+pools = [Pool(Mode.WR, name="gone-%d" % i) for i in range(5000)]
+other = tempfile.TemporaryFile()
+os.dup2(other.fileno(), metadata_fd())
+del pools
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+print("OK", flush=True)
+""")
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr

@@ -310,12 +310,18 @@ pool, a = filled(Mode.WR)
 other = tempfile.TemporaryFile()
 other.write(b"O" * 4096)
 other.flush()
+with open("/proc/self/maps") as f:  # the inode of the pool's memory file
+    inode = next(int(l.split()[4]) for l in f
+                 if int(l.split("-")[0], 16) <= a.address < int(l.split()[0].split("-")[1], 16))
+replaced = 0
 for fd in os.listdir("/proc/self/fd"):
     try:
-        if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:prmem:selftest "):
+        if int(fd) != other.fileno() and os.fstat(int(fd)).st_ino == inode:
             os.dup2(other.fileno(), int(fd))
+            replaced += 1
     except OSError:
         pass
+assert replaced, "no descriptor of the pool's memory file"
 try:
     prmem.rare_write(a, b"!")
     result = "written"
