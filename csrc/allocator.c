@@ -74,6 +74,13 @@ prmem_refuse_if_frozen(prmem_module_state *st, const char *cname, int check_file
                           "write it into another file; reads work, changes through prmem do "
                           "not (leave prmem's descriptors open, e.g. skip them in closerange)",
                           what, whose, verb);
+    if (prmem_meta_frozen_why() == PRMEM_FROZEN_INHERITED)
+        return prmem_fail(e, st->ProtectionError,
+                          "%s%.200s%s in this forked child: prmem's metadata was already "
+                          "frozen in the parent (its metadata descriptor had been closed or "
+                          "replaced), so it is frozen here too and pool memory is a private "
+                          "read-only snapshot as of the fork; reads work, changes through "
+                          "prmem do not", what, whose, verb);
     return prmem_fail(e, st->PrmemError,
                       "%s%.200s%s in this forked child: the child could not get a file for "
                       "prmem's metadata at fork() (%s), so the metadata is frozen here and "
@@ -129,6 +136,8 @@ prmem_check_allocation(PoolObject *pool, const AllocationObject *a, prmem_error 
 PRMEM_INTERNAL void
 prmem_sync_fault_registry(PoolObject *pool)
 {
+    if (prmem_meta_frozen())
+        return; /* nothing can be recorded: the registry stays as it is */
     for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
         const prmem_chunk *ch = &pool->m->chunks[ci];
         if (!ch->registered && prmem_fault_register(pool, ch->base, ch->size) == 0)

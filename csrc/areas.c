@@ -582,7 +582,9 @@ prmem_pool_release(PoolObject *pool)
      * those numbers are stale: nothing to zero or close (a sealed chunk's
      * read-only descriptor, kept for share=True, is still open).  Frozen because the
      * metadata descriptor was lost, the pool's own descriptors are live. */
-    int stale_fds = prmem_meta_frozen_why() == PRMEM_FROZEN_AT_FORK;
+    int why = prmem_meta_frozen_why();
+    int stale_fds = why == PRMEM_FROZEN_AT_FORK || why == PRMEM_FROZEN_INHERITED;
+    int keep_all = frozen && prmem_meta_unrecorded_sharing();
     for (size_t ci = 0; ci < pool->m->nchunks; ci++) {
         const prmem_chunk *ch = &pool->m->chunks[ci];
         /* Unmap first: the hole punched below then frees pages that no page
@@ -605,7 +607,7 @@ prmem_pool_release(PoolObject *pool)
                  * metadata, any chunk still marked shared, as nothing could
                  * record whether it still is) is its memory too */
                 if (!ch->sealed && ch->kind != PRMEM_BACKING_SECRET && !ch->keep_data &&
-                    !(frozen && prmem_chunk_is_shared(ch)))
+                    !(frozen && prmem_chunk_is_shared(ch)) && !keep_all)
                     prmem_zero_chunk_data(ch);
                 close(ch->fd);
             }

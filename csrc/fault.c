@@ -796,8 +796,10 @@ prmem_fault_register(PoolObject *pool, char *start, size_t size)
 {
     fault_range tmpl;
     memset(&tmpl, 0, sizeof(tmpl));
-    if (prmem_meta_frozen())
-        return 0; /* nothing can be recorded (the range goes unreported) */
+    if (prmem_meta_frozen()) {
+        errno = EROFS; /* nothing can be recorded (the range goes unreported) */
+        return -1;
+    }
     tmpl.start = (uintptr_t)start;
     tmpl.end = (uintptr_t)start + size;
     tmpl.m = pool->m;
@@ -907,6 +909,10 @@ prmem_fault_registry_address(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
+    if (prmem_meta_check_file() != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "prmem's metadata is frozen");
+        return NULL;
+    }
     pthread_mutex_lock(&ranges_lock);
     fault_root *root = prmem_meta_frozen() ? NULL : get_root();
     pthread_mutex_unlock(&ranges_lock);

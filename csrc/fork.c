@@ -51,20 +51,26 @@
  * registered record is neither unregistered nor freed while it is held.
  * A process whose metadata is frozen (a fork()ed child without a file of
  * its own, or a lost metadata descriptor: meta.c) cannot change a record:
- * the pools it unregisters are remembered in `gone`, ordinary memory of
- * that degraded process only.
+ * the pools it unregisters are remembered in `gone` (a bit per record),
+ * ordinary memory of that degraded process only.
  */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-static const prmem_pool_meta **gone; /* grown by doubling (plain malloc) */
-static size_t ngone, gone_cap;
+/* one bit per pool record, grown as needed (plain malloc) */
+static unsigned char *gone;
+static size_t gone_bytes;
+
+static size_t
+record_index(const prmem_pool_meta *m)
+{
+    return (size_t)((const char *)m - prmem_meta_base - PRMEM_META_RECORDS) /
+           PRMEM_META_RECORD;
+}
 
 static int
 is_gone(const prmem_pool_meta *m)
 {
-    for (size_t i = 0; i < ngone; i++)
-        if (gone[i] == m)
-            return 1;
-    return 0;
+    size_t i = record_index(m);
+    return i / 8 < gone_bytes && (gone[i / 8] >> (i % 8)) & 1;
 }
 
 /* The next registered pool from record *cursor on; NULL after the last. */
@@ -101,11 +107,13 @@ prmem_registry_remove(PoolObject *pool)
     if (prmem_pool_meta_ok(pool) && pool->m->registered) {
         if (!prmem_meta_frozen())
             META_SET(pool->m->registered, 0);
-        else if (!is_gone(pool->m)) {
-            if (ngone == gone_cap) {
-                size_t cap = gone_cap ? gone_cap * 2 : 64;
-                const prmem_pool_meta **more =
-                    cap > gone_cap ? realloc((void *)gone, cap * sizeof(*gone)) : NULL;
+        else {
+            size_t i = record_index(pool->m);
+            if (i / 8 >= gone_bytes) {
+                size_t bytes = gone_bytes ? gone_bytes : 64;
+                while (bytes <= i / 8)
+                    bytes *= 2;
+                unsigned char *more = realloc(gone, bytes);
                 if (more == NULL) {
                     /* cannot remember it: a later fork() would follow a
                      * freed pool; fail closed */
@@ -116,10 +124,11 @@ prmem_registry_remove(PoolObject *pool)
                     (void)ignored;
                     abort();
                 }
+                memset(more + gone_bytes, 0, bytes - gone_bytes);
                 gone = more;
-                gone_cap = cap;
+                gone_bytes = bytes;
             }
-            gone[ngone++] = pool->m;
+            gone[i / 8] |= (unsigned char)(1u << (i % 8));
         }
     }
     pthread_mutex_unlock(&registry_lock);
@@ -172,7 +181,7 @@ prepare(void)
     PoolObject *p;
     FOR_EACH_POOL(p)
         pthread_mutex_lock(&p->lock);
-    lazy = frozen ? 0 : prmem_lazy_fork_prepare();
+    lazy = prmem_lazy_fork_prepare(!frozen); /* takes sharers_lock either way */
     if (anything_to_copy() && pipe2(copied_pipe, O_CLOEXEC) < 0)
         copied_pipe[0] = copied_pipe[1] = -1;
     prmem_meta_fork_prepare(); /* last: takes meta.c's leaf lock */
@@ -190,8 +199,14 @@ unlock_all(void)
 static void
 parent(void)
 {
-    prmem_meta_fork_parent();
+    prmem_meta_fork_parent(); /* frozen now if the descriptor was lost meanwhile */
     unsigned long long gen = prmem_lazy_fork_parent(lazy);
+    if (gen != 0 && prmem_meta_frozen()) {
+        /* The child may share chunks but nothing can record it: no release
+         * zeroes unsealed data from now on (prmem_pool_release). */
+        prmem_meta_note_unrecorded_sharing();
+        gen = 0;
+    }
     PoolObject *p;
     FOR_EACH_POOL(p) {
         if (gen == 0)

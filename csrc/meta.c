@@ -98,6 +98,11 @@ static pthread_mutex_t meta_lock = PTHREAD_MUTEX_INITIALIZER;
  * parent's metadata and spare descriptors, which the child closes. */
 static int fork_fd = -1;
 static int fork_parent_fd = -1, fork_parent_spare = -1;
+/* their identities as of prepare: another thread may close() or dup2()
+ * a number between prepare and fork(), and the child checks before it maps
+ * or closes anything */
+static dev_t fork_dev, fork_parent_dev, fork_spare_dev;
+static ino_t fork_ino, fork_parent_ino, fork_spare_ino;
 static int new_file(void);
 
 #define HDR ((const struct meta_header *)prmem_meta_base)
@@ -164,15 +169,27 @@ new_file(void)
 static int frozen_errno;
 static int frozen_why;
 
+/* fd names the file (dev, ino).  Only a bad descriptor or another file
+ * says no: a failure to ask (ENOMEM, say) is tried again, twice. */
+static int
+fd_is(int fd, dev_t want_dev, ino_t want_ino)
+{
+    for (int tries = 0; fd >= 0; tries++) {
+        dev_t dev;
+        ino_t ino;
+        if (prmem_fd_identity(fd, &dev, &ino) == 0)
+            return dev == want_dev && ino == want_ino;
+        if (errno == EBADF || tries == 2)
+            return 0;
+    }
+    return 0;
+}
+
 /* The metadata descriptor still names the file mapped at the range */
 static int
 file_is_ours(void)
 {
-    dev_t dev;
-    ino_t ino;
-    int fd = HDR->fd;
-    return fd >= 0 && prmem_fd_identity(fd, &dev, &ino) == 0 && dev == HDR->dev &&
-           ino == HDR->ino;
+    return fd_is(HDR->fd, HDR->dev, HDR->ino);
 }
 
 _Static_assert(sizeof(prmem_pool_meta) <= PRMEM_META_RECORD, "pool record too large");
@@ -195,11 +212,33 @@ prmem_meta_frozen_why(void)
                : 0;
 }
 
+static int unrecorded_sharing;
+
+PRMEM_INTERNAL void
+prmem_meta_note_unrecorded_sharing(void)
+{
+    __atomic_store_n(&unrecorded_sharing, 1, __ATOMIC_RELAXED);
+}
+
+PRMEM_INTERNAL int
+prmem_meta_unrecorded_sharing(void)
+{
+    return __atomic_load_n(&unrecorded_sharing, __ATOMIC_RELAXED);
+}
+
 static void
 freeze(int why, int err)
 {
     __atomic_store_n(&frozen_why, why, __ATOMIC_RELAXED);
     __atomic_store_n(&frozen_errno, err, __ATOMIC_RELEASE);
+}
+
+/* With meta_lock held: freeze if the metadata descriptor is lost */
+static void
+freeze_if_lost(void)
+{
+    if (!prmem_meta_frozen() && !file_is_ours())
+        freeze(PRMEM_FROZEN_FILE_LOST, EBADF);
 }
 
 PRMEM_INTERNAL int
@@ -209,8 +248,7 @@ prmem_meta_check_file(void)
     if (err != 0 || prmem_meta_base == NULL)
         return err;
     pthread_mutex_lock(&meta_lock);
-    if (!prmem_meta_frozen() && !file_is_ours())
-        freeze(PRMEM_FROZEN_FILE_LOST, EBADF);
+    freeze_if_lost();
     pthread_mutex_unlock(&meta_lock);
     return prmem_meta_frozen();
 }
@@ -561,16 +599,17 @@ prmem_meta_fork_prepare(void)
     if (prmem_meta_base == NULL)
         return;
     pthread_mutex_lock(&meta_lock);
+    /* lost since prepare()'s check (fork.c): frozen now, before anything
+     * writes metadata; the child then inherits frozen metadata */
+    freeze_if_lost();
     /* the child closes its copies of these, unless a number no longer
      * names prmem's file (then it is someone else's) */
-    dev_t sdev;
-    ino_t sino;
     fork_parent_fd = file_is_ours() ? HDR->fd : -1;
-    fork_parent_spare = HDR->spare_fd >= 0 &&
-                                prmem_fd_identity(HDR->spare_fd, &sdev, &sino) == 0 &&
-                                sdev == HDR->spare_dev && sino == HDR->spare_ino
-                            ? HDR->spare_fd
-                            : -1;
+    fork_parent_dev = HDR->dev;
+    fork_parent_ino = HDR->ino;
+    fork_parent_spare = fd_is(HDR->spare_fd, HDR->spare_dev, HDR->spare_ino) ? HDR->spare_fd : -1;
+    fork_spare_dev = HDR->spare_dev;
+    fork_spare_ino = HDR->spare_ino;
     /* a new file, or else the spare (out of descriptors, or the new file
      * could not be given its pages) */
     int fd = -1;
@@ -603,6 +642,8 @@ prmem_meta_fork_prepare(void)
         h.spare_dev = 0;
         h.spare_ino = 0;
         write_file(fd, 0, &h, sizeof(h));
+        fork_dev = dev;
+        fork_ino = ino;
     }
     fork_fd = fd;
 }
@@ -612,9 +653,10 @@ prmem_meta_fork_parent(void)
 {
     if (prmem_meta_base == NULL)
         return;
-    if (fork_fd >= 0)
+    if (fork_fd >= 0 && fd_is(fork_fd, fork_dev, fork_ino))
         close(fork_fd);
     fork_fd = fork_parent_fd = fork_parent_spare = -1;
+    freeze_if_lost(); /* maybe lost while fork() ran */
     if (HDR->spare_fd < 0 && !prmem_meta_frozen())
         new_spare();
     pthread_mutex_unlock(&meta_lock);
@@ -626,13 +668,15 @@ prmem_meta_fork_child(void)
 {
     if (prmem_meta_base == NULL)
         return;
-    int fd = fork_fd;
-    int parent_fd = fork_parent_fd;
-    if (fork_parent_spare >= 0)
+    /* each number is used only if it still names the file it named in
+     * prepare (a parent thread may have closed or replaced it since) */
+    int fd = fd_is(fork_fd, fork_dev, fork_ino) ? fork_fd : -1;
+    int parent_fd = fd_is(fork_parent_fd, fork_parent_dev, fork_parent_ino) ? fork_parent_fd : -1;
+    if (fd_is(fork_parent_spare, fork_spare_dev, fork_spare_ino))
         close(fork_parent_spare); /* the parent's */
     fork_fd = fork_parent_fd = fork_parent_spare = -1;
     if (prmem_meta_frozen()) /* already (descriptor lost): fork.c snapshots */
-        freeze(PRMEM_FROZEN_AT_FORK, prmem_meta_frozen());
+        freeze(PRMEM_FROZEN_INHERITED, prmem_meta_frozen());
     if (fd >= 0) {
         if (mmap(prmem_meta_base, RESERVE, PROT_READ, MAP_SHARED | MAP_NORESERVE | MAP_FIXED,
                  fd, 0) == MAP_FAILED)

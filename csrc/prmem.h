@@ -232,9 +232,9 @@ prmem_fd_identity(int fd, dev_t *dev, ino_t *ino)
     int mode = __atomic_load_n(&path_mode, __ATOMIC_RELAXED);
     while (mode < 2) {
         struct statx sx;
-        if (syscall(SYS_statx, fd, mode == 0 ? NULL : "", AT_EMPTY_PATH, STATX_INO, &sx) ==
-                0 &&
-            (sx.stx_mask & STATX_INO)) {
+        if (syscall(SYS_statx, fd, mode == 0 ? NULL : "", AT_EMPTY_PATH, STATX_INO, &sx) == 0) {
+            if (!(sx.stx_mask & STATX_INO))
+                break; /* no inode in the answer: fstat() this time */
             *dev = makedev(sx.stx_dev_major, sx.stx_dev_minor);
             *ino = (ino_t)sx.stx_ino;
             return 0;
@@ -363,12 +363,21 @@ PRMEM_INTERNAL void prmem_meta_fork_child(void);
  * writable, else the errno of the failure */
 PRMEM_INTERNAL int prmem_meta_frozen(void);
 /* Why metadata is frozen (0: it is not) */
-enum { PRMEM_FROZEN_AT_FORK = 1, PRMEM_FROZEN_FILE_LOST = 2 };
+enum {
+    PRMEM_FROZEN_AT_FORK = 1,   /* a fork()ed child got no metadata file */
+    PRMEM_FROZEN_FILE_LOST = 2, /* the metadata descriptor was closed or replaced */
+    PRMEM_FROZEN_INHERITED = 3  /* a fork()ed child of a FILE_LOST process */
+};
 PRMEM_INTERNAL int prmem_meta_frozen_why(void);
 /* Before an operation that changes metadata: check that the metadata
  * descriptor is still prmem's file (an fstat()); if not, freeze metadata
  * (PRMEM_FROZEN_FILE_LOST).  Returns prmem_meta_frozen(). */
 PRMEM_INTERNAL int prmem_meta_check_file(void);
+/* A fork() let a child share chunks lazily but metadata froze before the
+ * parent could record it: from then on no release zeroes unsealed data
+ * (a child may still map it). */
+PRMEM_INTERNAL void prmem_meta_note_unrecorded_sharing(void);
+PRMEM_INTERNAL int prmem_meta_unrecorded_sharing(void);
 /* Grow a metadata array so that it holds count + 1 items: 0, or -1 (no
  * memory); *array and *cap are fields of a metadata record */
 PRMEM_INTERNAL int prmem_meta_grow(const void *const *array, const size_t *cap, size_t count,
@@ -601,7 +610,7 @@ PRMEM_INTERNAL void prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd);
 PRMEM_INTERNAL int prmem_chunk_unshare(PoolObject *pool, size_t ci, prmem_error *e);
 PRMEM_INTERNAL void prmem_pool_unshare_for_release(PoolObject *pool);
 PRMEM_INTERNAL int prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci);
-PRMEM_INTERNAL int prmem_lazy_fork_prepare(void);
+PRMEM_INTERNAL int prmem_lazy_fork_prepare(int wanted);
 PRMEM_INTERNAL unsigned long long prmem_lazy_fork_parent(int lazy);
 PRMEM_INTERNAL void prmem_lazy_fork_child(int lazy, size_t nshared);
 

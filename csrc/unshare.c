@@ -193,11 +193,15 @@ prmem_chunk_adopt_fd(const prmem_chunk *ch, int fd)
     dev_t dev;
     ino_t ino;
     int errsave = errno;
+    /* checked again: a copy can take long, and a number replaced meanwhile
+     * is someone else's, not to be closed */
+    int old_is_ours = prmem_check_backing(NULL, ch, NULL) == 0;
     if (prmem_fd_identity(fd, &dev, &ino) == 0) {
         META_SET(ch->dev, dev);
         META_SET(ch->ino, ino);
     }
-    close(ch->fd);
+    if (old_is_ours)
+        close(ch->fd);
     META_SET(ch->fd, fd);
     errno = errsave;
 }
@@ -329,11 +333,11 @@ prmem_chunk_can_stay_shared(const PoolObject *pool, size_t ci)
  * releases, and says whether this fork can leave chunks shared (it needs a
  * pipe and room to track it); otherwise the child copies everything. */
 PRMEM_INTERNAL int
-prmem_lazy_fork_prepare(void)
+prmem_lazy_fork_prepare(int wanted)
 {
     pthread_mutex_lock(&sharers_lock);
     prune_sharers();
-    if (nsharers < MAX_SHARERS && nlinks < MAX_LINKS && pipe2(fork_pipe, O_CLOEXEC) == 0)
+    if (wanted && nsharers < MAX_SHARERS && nlinks < MAX_LINKS && pipe2(fork_pipe, O_CLOEXEC) == 0)
         return 1;
     fork_pipe[0] = fork_pipe[1] = -1;
     return 0;

@@ -441,3 +441,56 @@ print("OK", flush=True)
 """)
     assert "OK" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_child_of_a_process_that_lost_its_metadata_descriptor_says_so():
+    # the child inherits frozen metadata and says why; with Pool() on an
+    # exception keeps the user's exception
+    proc = run_child(META_FD + """
+import tempfile
+other = tempfile.TemporaryFile()
+pool = Pool(Mode.WR, name="inherited")
+a = pool.alloc(64)
+os.dup2(other.fileno(), metadata_fd())
+try:
+    with Pool(Mode.WR, name="with-lost") as p:
+        raise ValueError("mine")
+except prmem.ProtectionError:
+    pass  # Pool() itself noticed: fine
+except ValueError as e:
+    assert str(e) == "mine"
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        pool.alloc(1 << 20)
+        msg = "allowed"
+    except prmem.ProtectionError as e:
+        msg = str(e)
+    os.write(w, msg.encode()[:4000])
+    os._exit(0)
+os.close(w)
+msg = os.read(r, 4096).decode()
+os.waitpid(pid, 0)
+assert "already frozen in the parent" in msg, msg
+print("OK", flush=True)
+""")
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_leaving_with_pool_on_an_exception_keeps_it_when_metadata_is_frozen():
+    proc = run_child(META_FD + """
+import tempfile
+other = tempfile.TemporaryFile()
+try:
+    with Pool(Mode.WR, name="with-frozen") as p:
+        a = p.alloc(8)
+        os.dup2(other.fileno(), metadata_fd())
+        raise ValueError("mine")
+except ValueError as e:
+    assert str(e) == "mine"
+print("OK", flush=True)
+""")
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
