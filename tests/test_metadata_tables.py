@@ -18,6 +18,13 @@ from test_metadata import STATES
 TABLE_STATES = {k: v for k, v in STATES.items() if k != "new"}
 
 
+def assert_child_ok(code: str) -> None:
+    """Run code in a child; it must print OK and exit with status 0."""
+    proc = run_child(code)
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("table", ["chunks", "areas"])
 @pytest.mark.parametrize("state", sorted(TABLE_STATES))
 def test_native_write_to_the_chunk_and_area_tables_dies(state, table):
@@ -254,7 +261,7 @@ def test_a_replaced_metadata_descriptor_freezes_metadata_and_is_never_written(ho
     # number stops naming the file, every change that would write metadata
     # is refused with ProtectionError (metadata is frozen, never written
     # into the other file); reads, fork() and exit still work
-    proc = run_child(META_FD + """
+    assert_child_ok(META_FD + """
 import tempfile
 other = tempfile.NamedTemporaryFile()
 other.write(b"O" * 65536); other.flush()
@@ -303,8 +310,6 @@ other.seek(0)
 assert other.read() == b"O" * 65536
 print("OK")
 """ % (how, how, first))
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
 
 
 LOST = {
@@ -359,7 +364,7 @@ def test_losing_the_metadata_descriptor_never_aborts(case):
     # untouched
     body = LOST[case]
     setup = "" if "lose()" in body else "lose()\n"
-    proc = run_child(META_FD + """
+    assert_child_ok(META_FD + """
 import tempfile
 other = tempfile.NamedTemporaryFile()
 other.write(b"O" * 65536); other.flush()
@@ -373,8 +378,6 @@ other.seek(0)
 assert other.read() == b"O" * 65536
 print("OK", flush=True)
 """)
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_fork_never_touches_a_reused_pool_descriptor():
@@ -382,7 +385,7 @@ def test_fork_never_touches_a_reused_pool_descriptor():
     # user file; fork(): the child must not chmod, read, map or close the
     # user's file; its pool keeps the data (a private snapshot) and refuses
     # changes; the parent refuses rare writes through the wrong file
-    proc = run_child(POOL_FD + """
+    assert_child_ok(POOL_FD + """
 import stat, tempfile
 user = tempfile.NamedTemporaryFile()
 user.write(b"VICTIM" * 100); user.flush()
@@ -419,15 +422,13 @@ except prmem.ProtectionError:
 assert bytes(a[:8]) == b"pooldata"
 print("OK", flush=True)
 """)
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_more_pools_than_ever_fit_a_fixed_list_go_away_while_frozen():
     # with metadata frozen, destroyed pools are remembered in ordinary
     # memory (a fork() must not follow them); that list grows: releasing
     # 5,000 pools and then forking neither aborts nor follows a freed pool
-    proc = run_child(META_FD + """
+    assert_child_ok(META_FD + """
 import tempfile
 pools = [Pool(Mode.WR, name="gone-%d" % i) for i in range(5000)]
 other = tempfile.TemporaryFile()
@@ -439,14 +440,12 @@ if pid == 0:
 assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 print("OK", flush=True)
 """)
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_child_of_a_process_that_lost_its_metadata_descriptor_says_so():
     # the child inherits frozen metadata and says why; with Pool() on an
     # exception keeps the user's exception
-    proc = run_child(META_FD + """
+    assert_child_ok(META_FD + """
 import tempfile
 other = tempfile.TemporaryFile()
 pool = Pool(Mode.WR, name="inherited")
@@ -475,12 +474,10 @@ os.waitpid(pid, 0)
 assert "already frozen in the parent" in msg, msg
 print("OK", flush=True)
 """)
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_leaving_with_pool_on_an_exception_keeps_it_when_metadata_is_frozen():
-    proc = run_child(META_FD + """
+    assert_child_ok(META_FD + """
 import tempfile
 other = tempfile.TemporaryFile()
 try:
@@ -492,5 +489,3 @@ except ValueError as e:
     assert str(e) == "mine"
 print("OK", flush=True)
 """)
-    assert "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stderr
