@@ -31,14 +31,9 @@ set_protected_areas(PoolObject *pool, int prot)
             i++;
             continue;
         }
-        char *end = a->start + a->size;
-        size_t j = i + 1;
-        while (j < pool->m->nareas && pool->m->areas[j].state != PRMEM_WRITABLE &&
-               pool->m->areas[j].chunk == a->chunk && pool->m->areas[j].start == end) {
-            end += pool->m->areas[j].size;
-            j++;
-        }
-        if (mprotect(a->start, (size_t)(end - a->start), prot) < 0)
+        size_t j = prmem_area_run_end(pool, i, 0);
+        const prmem_area *last = &pool->m->areas[j - 1];
+        if (mprotect(a->start, (size_t)(last->start + last->size - a->start), prot) < 0)
             return -1;
         i = j;
     }
@@ -115,6 +110,8 @@ prmem_pool_access_leave(PoolObject *self, PyObject *unused)
 {
     (void)unused;
     prmem_error e;
+    if (!prmem_pool_meta_ok(self))
+        return prmem_raise_uninitialised((PyObject *)self), NULL;
     POOL_LOCK(self);
     if (self->m->noaccess && self->access_count <= 0) {
         POOL_UNLOCK(self);

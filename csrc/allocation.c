@@ -416,12 +416,21 @@ static PyObject *
 Allocation_repr(AllocationObject *self)
 {
     PoolObject *pool = self->pool;
+    prmem_error e;
     POOL_LOCK(pool);
-    int dead = pool->m->destroyed;
-    int state = dead ? 0 : pool->m->areas[self->area].state;
+    /* the record pointer and the allocation are ordinary memory: checked
+     * before the protected tables are read through them */
+    int bad = !prmem_pool_meta_ok(pool);
+    int dead = !bad && pool->m->destroyed;
+    bad = bad || (!dead && prmem_check_allocation(pool, self, &e) < 0);
+    int state = bad || dead ? 0 : pool->m->areas[self->area].state;
     POOL_UNLOCK(pool);
     /* pool->name is an exact str: formatting it runs no user code (and the
      * lock is released) */
+    if (bad)
+        return PyUnicode_FromFormat("<prmem.Allocation pool=%R address=%p size=%zu: does not "
+                                    "check out against prmem's protected metadata>",
+                                    pool->name, self->addr, self->size);
     if (dead)
         return PyUnicode_FromFormat("<prmem.Allocation of destroyed pool %R, size=%zu>",
                                     pool->name, self->size);
@@ -547,15 +556,10 @@ ReadOnlyBuffer_getbuffer(ReadOnlyBufferObject *self, Py_buffer *view, int flags)
         PyErr_SetString(PyExc_BufferError, "this view of prmem memory is read-only");
         return -1;
     }
-    PoolObject *pool = lock_live(a, 0);
+    PoolObject *pool = lock_live(a, 0); /* checks the allocation too */
     if (pool == NULL)
         return -1;
     prmem_error e;
-    if (prmem_check_allocation(pool, a, &e) < 0) {
-        POOL_UNLOCK(pool);
-        prmem_raise(&e);
-        return -1;
-    }
     /* In a no-access pool: on protected memory, the view holds access (see
      * Allocation_getbuffer); on WRITABLE memory it holds protect() back
      * like a writable view, or protect() would take the pages away under

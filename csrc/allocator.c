@@ -657,10 +657,19 @@ Pool_get_name(PoolObject *self, void *closure)
     return self->name;
 }
 
+/* The getters below read the pool's record: only once its pointer checks
+ * out (ordinary memory: see prmem_pool_meta_ok). */
+#define CHECKED_META(self)                                                     \
+    do {                                                                       \
+        if (!prmem_pool_meta_ok(self))                                         \
+            return prmem_raise_uninitialised((PyObject *)(self)), NULL;       \
+    } while (0)
+
 static PyObject *
 Pool_get_mode(PoolObject *self, void *closure)
 {
     (void)closure;
+    CHECKED_META(self);
     return PyLong_FromLong(self->m->mode);
 }
 
@@ -668,6 +677,7 @@ static PyObject *
 Pool_get_destroyed(PoolObject *self, void *closure)
 {
     (void)closure;
+    CHECKED_META(self);
     return PyBool_FromLong(self->m->destroyed);
 }
 
@@ -682,6 +692,7 @@ static PyObject *
 Pool_get_seal(PoolObject *self, void *closure)
 {
     (void)closure;
+    CHECKED_META(self);
     return PyBool_FromLong(self->m->seal);
 }
 
@@ -689,6 +700,7 @@ static PyObject *
 Pool_get_init_done(PoolObject *self, void *closure)
 {
     (void)closure;
+    CHECKED_META(self);
     return PyBool_FromLong(self->m->closed);
 }
 

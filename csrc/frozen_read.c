@@ -148,7 +148,8 @@ PRMEM_INTERNAL int
 prmem_fz_enter(const prmem_extent *x)
 {
     PoolObject *pool = x->alloc->pool;
-    if (!pool->m->noaccess)
+    /* a record pointer that does not check out is refused below */
+    if (prmem_pool_meta_ok(pool) && !pool->m->noaccess)
         return 0;
     prmem_error e;
     POOL_LOCK(pool);
@@ -163,7 +164,7 @@ PRMEM_INTERNAL void
 prmem_fz_leave(const prmem_extent *x)
 {
     PoolObject *pool = x->alloc->pool;
-    if (!pool->m->noaccess)
+    if (!prmem_pool_meta_ok(pool) || !pool->m->noaccess)
         return;
     prmem_error e;
     POOL_LOCK(pool);

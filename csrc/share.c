@@ -499,7 +499,10 @@ is_attached(PyObject *module, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "expected a prmem.Pool");
         return NULL;
     }
-    return PyBool_FromLong(((PoolObject *)arg)->m->attached);
+    PoolObject *pool = (PoolObject *)arg;
+    if (!prmem_pool_meta_ok(pool))
+        return prmem_raise_uninitialised(arg), NULL;
+    return PyBool_FromLong(pool->m->attached);
 }
 
 static PyMethodDef share_functions[] = {

@@ -102,13 +102,17 @@ for off in range(16, 256, 8):
         break
 assert slot is not None
 ctypes.memmove(base + slot, struct.pack('P', addr + 256), 8)  # another record slot
+from prmem import _core
 for call in (lambda: pool.alloc(8), lambda: pool.protect(), lambda: pool.stats(),
-             lambda: pool.rare_write(a, b'x')):
+             lambda: pool.rare_write(a, b'x'), lambda: pool.mode, lambda: pool.destroyed,
+             lambda: pool.seal, lambda: _core.is_attached(pool),
+             lambda: pool._access_leave()):
     try:
         call()
         raise SystemExit('followed')
     except prmem.ProtectionError as e:
         assert 'meta-ptr' in str(e) and 'metadata' in str(e), e
+assert 'does not check out' in repr(a), repr(a)
 ctypes.memmove(base + slot, struct.pack('P', addr), 8)  # put it back
 pool.alloc(8)
 print('OK')
