@@ -520,6 +520,20 @@ prmem_close_current_area(PoolObject *pool)
     }
 }
 
+PRMEM_INTERNAL size_t
+prmem_area_run_end(const PoolObject *pool, size_t i, int writable)
+{
+    const prmem_area *a = pool->m->areas;
+    const char *end = a[i].start + a[i].size;
+    size_t j = i + 1;
+    while (j < pool->m->nareas && (a[j].state == PRMEM_WRITABLE) == writable &&
+           a[j].chunk == a[i].chunk && a[j].start == end) {
+        end += a[j].size;
+        j++;
+    }
+    return j;
+}
+
 /* Move every WRITABLE area to WRITE_RARE (mprotect PROT_READ), merging runs
  * of adjacent areas into one syscall. */
 PRMEM_INTERNAL int
@@ -538,14 +552,9 @@ prmem_make_write_rare(PoolObject *pool, prmem_error *e)
             i++;
             continue;
         }
-        size_t j = i + 1;
-        char *end = pool->m->areas[i].start + pool->m->areas[i].size;
-        while (j < pool->m->nareas && pool->m->areas[j].state == PRMEM_WRITABLE &&
-               pool->m->areas[j].chunk == pool->m->areas[i].chunk && pool->m->areas[j].start == end) {
-            end += pool->m->areas[j].size;
-            j++;
-        }
-        if (prmem_protect_range(pool->m->areas[i].start, (size_t)(end - pool->m->areas[i].start),
+        size_t j = prmem_area_run_end(pool, i, 1);
+        const prmem_area *first = &pool->m->areas[i], *last = &pool->m->areas[j - 1];
+        if (prmem_protect_range(first->start, (size_t)(last->start + last->size - first->start),
                                 prmem_protected_prot(pool)) < 0)
             return prmem_fail_os(e, "mprotect", errno);
         prmem_meta_set_area_states(pool->m->areas, i, j, PRMEM_WRITE_RARE);

@@ -354,6 +354,20 @@ snapshot_chunk(PoolObject *pool, size_t ci, int record)
     return 0;
 }
 
+/* The child keeps what chunk ci's mapping shows as private memory (a
+ * no-access chunk is made readable to be copied; the copy gets the pool's
+ * protections back); if not even that memory can be had, the chunk becomes
+ * PROT_NONE: never shared with the parent. */
+static void
+keep_snapshot(PoolObject *p, size_t ci, int record)
+{
+    const prmem_chunk *ch = &p->m->chunks[ci];
+    if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
+        mprotect(ch->base, ch->used, PROT_READ);
+    if (snapshot_chunk(p, ci, record) < 0)
+        mprotect(ch->base, ch->size, PROT_NONE);
+}
+
 static void
 child(void)
 {
@@ -371,12 +385,8 @@ child(void)
                  * refuses changes (prmem_meta_frozen); each unsealed chunk
                  * becomes a private snapshot, nothing of the parent's file
                  * stays mapped or open here. */
-                if (ch->sealed)
-                    continue;
-                if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
-                    mprotect(ch->base, ch->used, PROT_READ);
-                if (snapshot_chunk(p, ci, 0) < 0)
-                    mprotect(ch->base, ch->size, PROT_NONE);
+                if (!ch->sealed)
+                    keep_snapshot(p, ci, 0);
                 continue;
             }
             /* the parent's children are not ours */
@@ -387,11 +397,8 @@ child(void)
                  * private snapshot of what the mapping shows, and the pool
                  * refuses changes here, as after a failed copy. */
                 META_SET(ch->shared_with_parent, 0);
-                if (ch->used > 0 && prmem_protected_prot(p) == PROT_NONE)
-                    mprotect(ch->base, ch->used, PROT_READ);
                 META_SET(p->m->fork_errno, EBADF);
-                if (snapshot_chunk(p, ci, 1) < 0)
-                    mprotect(ch->base, ch->size, PROT_NONE);
+                keep_snapshot(p, ci, 1);
                 continue;
             }
             if (!copied_at_fork(p, ci)) {
@@ -416,8 +423,7 @@ child(void)
                  * a private snapshot, or, if not even anonymous memory can
                  * be had, fails closed: never shared with the parent. */
                 META_SET(p->m->fork_errno, errno ? errno : EIO);
-                if (snapshot_chunk(p, ci, 1) < 0)
-                    mprotect(ch->base, ch->size, PROT_NONE);
+                keep_snapshot(p, ci, 1);
             }
         }
     }

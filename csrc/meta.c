@@ -104,6 +104,7 @@ static int fork_parent_fd = -1, fork_parent_spare = -1;
 static dev_t fork_dev, fork_parent_dev, fork_spare_dev;
 static ino_t fork_ino, fork_parent_ino, fork_spare_ino;
 static int new_file(void);
+static int fd_is(int fd, dev_t want_dev, ino_t want_ino);
 
 #define HDR ((const struct meta_header *)prmem_meta_base)
 static void write_locked(void *dst, const void *src, size_t n);
@@ -138,14 +139,10 @@ static int
 take_spare(void)
 {
     int fd = HDR->spare_fd;
-    dev_t dev;
-    ino_t ino;
     if (fd < 0)
         return -1;
     HSETV(spare_fd, -1);
-    if (prmem_fd_identity(fd, &dev, &ino) < 0 || dev != HDR->spare_dev || ino != HDR->spare_ino)
-        return -1;
-    return fd;
+    return fd_is(fd, HDR->spare_dev, HDR->spare_ino) ? fd : -1;
 }
 
 static int
@@ -599,12 +596,14 @@ prmem_meta_fork_prepare(void)
     if (prmem_meta_base == NULL)
         return;
     pthread_mutex_lock(&meta_lock);
-    /* lost since prepare()'s check (fork.c): frozen now, before anything
-     * writes metadata; the child then inherits frozen metadata */
-    freeze_if_lost();
-    /* the child closes its copies of these, unless a number no longer
-     * names prmem's file (then it is someone else's) */
-    fork_parent_fd = file_is_ours() ? HDR->fd : -1;
+    /* Lost since prepare()'s check (fork.c): frozen now, before anything
+     * writes metadata; the child then inherits frozen metadata.  The child
+     * closes its copies of these, unless a number no longer names prmem's
+     * file (then it is someone else's). */
+    int ours = file_is_ours();
+    if (!ours && !prmem_meta_frozen())
+        freeze(PRMEM_FROZEN_FILE_LOST, EBADF);
+    fork_parent_fd = ours ? HDR->fd : -1;
     fork_parent_dev = HDR->dev;
     fork_parent_ino = HDR->ino;
     fork_parent_spare = fd_is(HDR->spare_fd, HDR->spare_dev, HDR->spare_ino) ? HDR->spare_fd : -1;

@@ -593,6 +593,10 @@ PRMEM_INTERNAL int prmem_new_backing(const PoolObject *pool, int kind);
 PRMEM_INTERNAL void prmem_fd_path(char out[32], int fd);
 /* The descriptor chunk ch names is still the file recorded at creation
  * (st_dev, st_ino), checked before every write through it */
+/* The end of the run of areas from i on that are all WRITABLE (writable)
+ * or all protected (!writable), in one chunk and adjacent: one mprotect()
+ * covers areas [i, end).  areas[i] itself is of that kind. */
+PRMEM_INTERNAL size_t prmem_area_run_end(const PoolObject *pool, size_t i, int writable);
 PRMEM_INTERNAL int prmem_check_backing(PoolObject *pool, const prmem_chunk *ch, prmem_error *e);
 /* Make an unsealed chunk's data unrecoverable before release (punch a hole,
  * or write zeros where the file cannot) */
