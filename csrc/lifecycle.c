@@ -93,7 +93,10 @@ prmem_release_if_pending(PoolObject *pool)
 }
 
 /* _destroy_when_released() -> bool: destroy now if nothing refers to the
- * memory (True), else as soon as the last view or handle goes (False). */
+ * memory (True), else as soon as the last view or handle goes (False).
+ * With frozen metadata the deferral cannot be recorded: False, and the
+ * memory goes with the Pool object (its callers, leaving `with Pool()` on
+ * an exception and replace_pool(), must not raise over what is in flight). */
 PRMEM_INTERNAL PyObject *
 prmem_pool_destroy_when_released(PoolObject *self, PyObject *unused)
 {
@@ -106,9 +109,8 @@ prmem_pool_destroy_when_released(PoolObject *self, PyObject *unused)
         rc = prmem_fail(&e, self->mstate->ProtectionError,
                         "%.200s cannot be destroyed: after-init sections live as long as the "
                         "process", self->cname);
-    else if (!self->m->destroyed &&
-             prmem_refuse_if_frozen(self->mstate, self->cname, 1, &e) < 0)
-        rc = -1;
+    else if (!self->m->destroyed && prmem_meta_check_file() != 0)
+        now = 0;
     else if (!self->m->destroyed) {
         META_SET(self->m->destroy_pending, 1);
         prmem_release_if_pending(self);

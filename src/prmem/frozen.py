@@ -192,11 +192,8 @@ def freeze(pool: Pool, obj: object) -> Union[FrozenMap, FrozenList]:
     """Copy ``obj`` into ``pool`` and return a handle (see Pool.freeze)."""
     data = _core.freeze_encode(obj)  # TypeError/ValueError before any allocation
     allocation = pool._alloc_init(data, 3)
-    pool._access_enter()  # a no-access pool's header is checked now
-    try:
+    with pool.access():  # a no-access pool's header is checked now
         return _core.open_frozen(allocation)
-    finally:
-        pool._access_leave()
 
 
 def array(pool: Pool, data: Optional[ArrayLike] = None, dtype: Optional[DTypeLike] = None, *,

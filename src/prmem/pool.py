@@ -441,13 +441,7 @@ class Pool(_core.Pool):
         else:
             # leaving because of an exception: never replace it with a
             # BufferError; the pool goes when its last view or handle does
-            # (or, if prmem's metadata is frozen and cannot record that,
-            # with the Pool object: the exception in flight stays the one
-            # raised)
-            try:
-                self._destroy_when_released()
-            except ProtectionError:
-                pass
+            self._destroy_when_released()
 
     def __reduce__(self) -> Tuple[Any, ...]:
         raise TypeError("prmem pools cannot be pickled to bytes: protected memory travels "

@@ -24,7 +24,7 @@ CHILD_PRELUDE = r'''
 import ctypes, errno, os, sys, threading
 import prmem
 from prmem import Mode, Pool
-from prmem._probes import writable_alias, writable_fds
+from prmem._probes import mapping_at, writable_alias, writable_fds
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -310,9 +310,7 @@ pool, a = filled(Mode.WR)
 other = tempfile.TemporaryFile()
 other.write(b"O" * 4096)
 other.flush()
-with open("/proc/self/maps") as f:  # the inode of the pool's memory file
-    inode = next(int(l.split()[4]) for l in f
-                 if int(l.split("-")[0], 16) <= a.address < int(l.split()[0].split("-")[1], 16))
+inode = mapping_at(a.address)[2]  # the pool's memory file
 replaced = 0
 for fd in os.listdir("/proc/self/fd"):
     try:
