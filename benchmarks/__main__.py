@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine["loadavg_at_end"] = _loadavg_now()
     machine["busy_processes_at_end"] = busy_processes()
     machine["other_cpu_load_during_run"] = load_probe.other_load()
-    if (machine["other_cpu_load_during_run"] or 0) > 0.1:
+    if (machine["other_cpu_load_during_run"] or 0) > NOISY_LOAD:
         print(f"note: other processes used {machine['other_cpu_load_during_run']:.0%} of the "
               "machine's CPU time during this run; expect noisier numbers", flush=True)
     argv_text = "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))

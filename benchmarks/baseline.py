@@ -325,7 +325,7 @@ def markdown(before_after: Optional[Dict[str, Any]]) -> List[str]:
         return []
     out = [f"### Before/after: {before_after['what']} against earlier revisions", ""]
     if before_after.get("skipped"):
-        return out + [f"_Skipped: {before_after['skipped']}._", ""]
+        return out + [f"_Skipped: {before_after['skipped']}._"]
     rows = []
     for r in before_after["rows"]:
         is_this = r["key"] == "this_tree"
@@ -341,5 +341,5 @@ def markdown(before_after: Optional[Dict[str, Any]]) -> List[str]:
                      r["error"] or ""])
     out.append(md_table(["build", "revision", "ns per call", "per-process best, range",
                          "this tree / it", "per round", "build s", "error"], rows))
-    out += ["", f"Timed: `{before_after['statement']}`; {before_after['method']}.", ""]
+    out += ["", f"Timed: `{before_after['statement']}`; {before_after['method']}."]
     return out

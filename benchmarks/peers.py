@@ -56,7 +56,7 @@ def _fn(lib: ctypes.PyDLL, name: str, restype, argtypes, what: str):
 
 
 class Libc:
-    """mmap/mprotect/munmap/memcpy from the C library."""
+    """mmap/mprotect/munmap/memcpy/pwrite from the C library."""
 
     def __init__(self) -> None:
         lib = _load(["libc.so.6", ctypes.util.find_library("c")], "the C library")
@@ -66,6 +66,8 @@ class Libc:
         self.munmap = _fn(lib, "munmap", c_int, [c_void_p, c_size_t], "libc")
         self.memcpy = _fn(lib, "memcpy", c_void_p, [c_void_p, ctypes.c_char_p, c_size_t], "libc")
         self.labs = _fn(lib, "labs", ctypes.c_long, [ctypes.c_long], "libc")
+        self.pwrite = _fn(lib, "pwrite", ctypes.c_ssize_t,
+                          [c_int, ctypes.c_char_p, c_size_t, ctypes.c_long], "libc")
         try:
             self.malloc_trim = _fn(lib, "malloc_trim", c_int, [c_size_t], "libc")
         except PeerUnavailable:  # not glibc

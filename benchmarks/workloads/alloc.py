@@ -590,7 +590,7 @@ def markdown(result: Dict[str, Any]) -> str:
                f"naive mmap+mprotect/prmem {fmt_ratio(extra['naive_over_prmem'])}.")
     before_after = baseline.markdown(result.get("before_after"))
     if before_after:
-        out += [""] + before_after[:-1]
+        out += [""] + before_after
     sc = result["scaling"]
     out += ["", f"### Scaling: n × 32 B kept alive (medians of {sc['repetitions']} run(s); "
             f"C peers capped at {sc['c_peer_cap']:,})", ""]

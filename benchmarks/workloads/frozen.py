@@ -60,7 +60,7 @@ import prmem
 
 from ..harness import (CpuLoadProbe, RunContext, batch_loop, gc_paused, perf_ns, ratio,
                        summarize, vma_at)
-from ..report import fmt_num, fmt_ratio, md_table, save_figure, targets_table
+from ..report import NOISY_LOAD, fmt_num, fmt_ratio, md_table, save_figure, targets_table
 
 NAME = "frozen"
 TITLE = "frozen — FrozenMap lookups, freeze() and memory, against dict"
@@ -74,9 +74,6 @@ VALUE_LEN = (3, 20)
 FIELDS = ("uid", "gid", "name", "home")
 #: a row whose per-round medians differ by more than this factor is flagged
 NOISY_SPREAD = 1.15
-#: other processes' CPU use (fraction of the machine) above which the
-#: workload's numbers are flagged
-NOISY_LOAD = 0.10
 
 DATASETS = ("int", "str", "nested")
 DATASET_LABELS = {
@@ -821,7 +818,7 @@ def _result(rows: List[Dict[str, Any]], build: List[Dict[str, Any]],
         ctx.log(f"[{NAME}] warning: {message}")
     return {"rows": rows, "build": build, "memory": memory, "targets": targets,
             "extra_ratios": extra, "notes": notes, "n": n, "params": params,
-            "other_cpu_load": other_load, "other_cpu_load_lookups": lookup_load,
+            "other_cpu_load_lookups": lookup_load,
             "noisy_rows": len(noisy_rows)}
 
 
@@ -845,9 +842,8 @@ def _rounds(r: Dict[str, Any]) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     out = [f"## {TITLE}", ""]
-    load = result.get("other_cpu_load")
-    out.append(f"{result['n']:,} keys per data set; CPU used by other processes during "
-               f"this workload: {'—' if load is None else f'{load:.0%}'}.")
+    # (the CPU other processes used is the line report.workload_markdown adds)
+    out.append(f"{result['n']:,} keys per data set.")
     out += ["", "### Lookups", ""]
     rows = []
     for r in result["rows"]:

@@ -42,7 +42,6 @@ in the same run:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import json
 import mmap
@@ -63,7 +62,7 @@ import prmem
 from .. import peers
 from ..harness import (Budget, CpuLoadProbe, RunContext, _bracketed, batch_loop, child_env,
                        gc_paused, minor_faults, perf_ns, ratio, smaps_range, summarize)
-from ..report import (fmt_num, fmt_ratio, fmt_target_value, md_table, save_figure,
+from ..report import (NOISY_LOAD, fmt_num, fmt_ratio, fmt_target_value, md_table, save_figure,
                       targets_table)
 
 NAME = "lifecycle"
@@ -78,9 +77,6 @@ DATA8 = b"prmem!\x01\x02"
 STALL_NS = 5000
 GIL_SIZES = (8, 64 * KiB, MiB)
 CHUNK = 2000
-#: Share of the machine's CPU time used by other processes above which a
-#: section's figures are flagged as noisy.
-NOISY_LOAD = 0.10
 
 _C_SOURCE = r"""
 #define _GNU_SOURCE
@@ -476,14 +472,6 @@ def _section_destroy(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str
 
 # ------------------------------------------------------------------ 3. GIL
 
-def _pydll_pwrite() -> Callable[..., int]:
-    lib = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = lib.pwrite
-    fn.restype = ctypes.c_ssize_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
-    return fn
-
-
 def _writer_solo(write: Callable[[], Any], seconds: float, min_calls: int) -> array:
     times = array("q")
     pc = perf_ns
@@ -563,11 +551,11 @@ def _section_gil(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, An
          "CPython releases the GIL around every os.pwrite: the positive control"),
     ]
     try:
-        cpw = _pydll_pwrite()
+        cpw = peers.get("libc").pwrite
         impls.append(("pydll_pwrite", "libc pwrite via ctypes.PyDLL (GIL held)", True,
                       lambda d: lambda: cpw(fd, d, len(d), 0),
                       "the same syscall with the GIL kept: the control for 'not released'"))
-    except (OSError, AttributeError) as exc:
+    except peers.PeerUnavailable as exc:
         ctx.skip(NAME, "the GIL-holding pwrite control", str(exc))
     switch = sys.getswitchinterval()
     gil: Dict[str, Any] = {"switch_interval_s": switch, "stall_threshold_ns": STALL_NS,
@@ -943,10 +931,14 @@ def _section_protect_read(ctx: RunContext, rows: List[Dict[str, Any]],
 
 # ------------------------------------------------------------ 6. pwrite floor
 
+def _c_compiler() -> Optional[str]:
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def _compile_floor(ctx: RunContext,
                    tmp: str) -> Optional[Tuple[Callable[[int, int], float],
                                                Callable[[int, int], float]]]:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = _c_compiler()
     if cc is None:
         ctx.skip(NAME, "the C pwrite floor", "no C compiler (cc) on PATH")
         return None
@@ -1032,7 +1024,7 @@ def _section_floor(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, 
                 raise RuntimeError("the data written did not read back")
             for key, label, is_peer, _fn, note in timed:
                 rows.append(_row("floor", "8 B write", key, label, samples[key], is_peer, note))
-            info["floor"] = {"compiler": shutil.which("cc"), "have_c_floor": c_loops is not None,
+            info["floor"] = {"compiler": _c_compiler(), "have_c_floor": c_loops is not None,
                              "calls_per_sample": CHUNK}
     finally:
         del a

@@ -403,7 +403,7 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{fmt_ratio(x['naive_reader_over_alone'])}.")
     before_after = baseline.markdown(result.get("before_after"))
     if before_after:
-        out += [""] + before_after[:-1]
+        out += [""] + before_after
     out += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
     seen = set()
     for r in result["rows"]:
