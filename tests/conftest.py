@@ -8,6 +8,7 @@ process, so tests can assert ``returncode == -signal.SIGSEGV``.
 from __future__ import annotations
 
 import os  # used by HELPERS_SOURCE, executed below
+import signal
 import subprocess
 import sys
 import textwrap
@@ -81,6 +82,20 @@ def run_child(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         timeout=timeout,
     )
 
+
+
+def assert_native_store_dies(setup: str, address: str) -> None:
+    """In a child: run setup, then store 8 bytes natively at the address
+    the expression gives; the store must end the child with SIGSEGV."""
+    proc = run_child(
+        setup + "\nimport ctypes\naddr = " + address + "\n"
+        "print('before', flush=True)\n"
+        "ctypes.memset(addr, 0x41, 8)\n"
+        "print('survived', flush=True)\n"
+    )
+    assert "before" in proc.stdout, proc.stderr
+    assert "survived" not in proc.stdout
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr
 
 @pytest.fixture
 def pool_factory():

@@ -285,14 +285,3 @@ def test_cryptography_hmac_and_private_keys_take_an_allocation(key):
     assert mac(k) == mac(raw) == hmac.digest(raw, b"msg", "sha256")
     sign = ed25519.Ed25519PrivateKey.from_private_bytes
     assert sign(k).sign(b"msg") == sign(raw).sign(b"msg")
-
-
-def test_the_keys_example_in_the_docs_runs():
-    import re
-    from pathlib import Path
-    usage = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text()
-    section = usage[usage.index("### Keys"):]
-    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    exec(compile(example, "docs/usage.md (Keys)", "exec"), scope)
-    scope["keys"].destroy()

@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import signal
 
-from conftest import run_child
-
-WRITE_ROOT = """
-import ctypes
-import prmem._core as core
-pool = Pool(Mode.RO, name="registry")
-a = pool.alloc(64)
-pool.protect()
-addr = core._fault_registry_address()
-print("before", flush=True)
-ctypes.memset(addr + {offset}, 0x41, 8)
-print("SURVIVED", flush=True)
-"""
-
+from conftest import assert_native_store_dies, run_child
 
 def test_native_write_to_registry_root_faults():
     for offset in (0, 40):  # the block header, the published slots
-        proc = run_child(WRITE_ROOT.format(offset=offset))
-        assert proc.returncode == -signal.SIGSEGV, proc.stderr
-        assert "before" in proc.stdout and "SURVIVED" not in proc.stdout
+        assert_native_store_dies(
+            "import prmem._core as core\n"
+            "pool = Pool(Mode.RO, name='registry')\n"
+            "a = pool.alloc(64)\n"
+            "pool.protect()", "core._fault_registry_address() + %d" % offset)
 
 
 MANY = """

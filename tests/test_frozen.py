@@ -1420,6 +1420,21 @@ def test_native_write_into_nested_frozen_list_faults(prmem_pool):
     assert table == [[1, 2, 3], {"k": "v" * 100}]
 
 
+def test_native_write_into_nested_frozen_list_reports_the_pool():
+    # the fault report names the pool for a write through a nested handle
+    proc = run_child("""
+        pool = Pool(Mode.AUTO_RO, name="frozen-auto", refill=4096)
+        table = pool.freeze([[1, 2, 3], {"k": "v" * 100}])
+        pool.protect()
+        inner = table[1]
+        assert inner.address == table.address
+        ctypes.memmove(inner.address, b"\\0" * 8, 8)
+        print("SURVIVED")
+    """)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "pool: 'frozen-auto'" in proc.stderr
+
+
 # ============================================================= cross-process
 
 
@@ -1648,6 +1663,26 @@ def test_native_write_into_protected_array_faults(prmem_protected, mode):
         assert_write_rare(arr)          # rare_write() still changes it
     assert (arr == np.arange(1000)).all()
     del arr
+
+
+@needs_numpy
+@pytest.mark.parametrize("mode", ["RO", "WR"])
+def test_native_write_into_protected_array_reports_the_pool(mode):
+    # the write dies, the value is unchanged up to it, and the report names
+    # the pool
+    proc = run_child(f"""
+        import numpy as np
+        pool = Pool(Mode.{mode}, name="frozen-array")
+        arr = pool.array(np.arange(1000, dtype=np.int64))
+        pool.protect()
+        address = arr.__array_interface__["data"][0] + 8 * 500
+        print(int(arr[500]), flush=True)
+        ctypes.memmove(address, b"\\xff" * 8, 8)
+        print("SURVIVED", int(arr[500]), flush=True)
+    """)
+    assert proc.returncode == -signal.SIGSEGV, (proc.stdout, proc.stderr)
+    assert proc.stdout.split() == ["500"]
+    assert "pool: 'frozen-array'" in proc.stderr
 
 
 # ============================================ replace_pool that returns build()

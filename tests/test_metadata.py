@@ -6,9 +6,6 @@ pool's record.
 """
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -16,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import prmem
 from prmem import Mode, Pool
 
-from conftest import run_child
+from conftest import assert_native_store_dies, run_child
 
 RESERVE = 1 << 30
 
@@ -51,20 +48,6 @@ STATES = {
     "read_only": "a = pool.alloc(64)\npool.protect()\npool.make_ro()",
     "destroyed": "a = pool.alloc(64)\ndel a\npool.destroy()",
 }
-
-
-def assert_native_store_dies(setup: str, address: str) -> None:
-    """In a child: run setup, then store 8 bytes natively at the address
-    the expression gives; the store must end the child with SIGSEGV."""
-    proc = run_child(
-        setup + "\nimport ctypes\naddr = " + address + "\n"
-        "print('before', flush=True)\n"
-        "ctypes.memset(addr, 0x41, 8)\n"
-        "print('survived', flush=True)\n"
-    )
-    assert "before" in proc.stdout, proc.stderr
-    assert "survived" not in proc.stdout
-    assert proc.returncode == -signal.SIGSEGV, proc.stderr
 
 
 @pytest.mark.parametrize("state", sorted(STATES))
@@ -158,12 +141,14 @@ class MetadataMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.pools = []  # [pool, allocations, protected, destroyed]
+        # [pool, allocations, protected, destroyed, how many allocations
+        #  were made before the last protect()]
+        self.pools = []
 
     @rule(mode=st.sampled_from([Mode.WR, Mode.RO, Mode.START_WR]))
     def create(self, mode):
         if len(self.pools) < 6:
-            self.pools.append([Pool(mode, name="meta-sm"), [], False, False])
+            self.pools.append([Pool(mode, name="meta-sm"), [], False, False, 0])
 
     @precondition(lambda self: self.pools)
     @rule(i=st.integers(0, 5), size=st.integers(1, 5000))
@@ -182,11 +167,12 @@ class MetadataMachine(RuleBasedStateMachine):
         if not entry[3]:
             entry[0].protect()
             entry[2] = True
+            entry[4] = len(entry[1])
 
     @precondition(lambda self: self.pools)
     @rule(i=st.integers(0, 5), data=st.binary(min_size=1, max_size=8))
     def rare_write(self, i, data):
-        pool, allocs, _, destroyed = self.pools[i % len(self.pools)]
+        pool, allocs, _, destroyed, _ = self.pools[i % len(self.pools)]
         if destroyed or not allocs or pool.mode == Mode.RO:
             return
         a = allocs[-1]
@@ -210,7 +196,9 @@ class MetadataMachine(RuleBasedStateMachine):
     def metadata_read_only(self):
         maps = metadata_mappings()
         assert maps and all(p == "r--s" for _, _, p in maps), maps
-        for pool, allocs, protected, destroyed in self.pools:
+        protected_state = {Mode.WR: prmem.State.WRITE_RARE, Mode.START_WR: prmem.State.WRITE_RARE,
+                           Mode.RO: prmem.State.READ_ONLY}
+        for pool, allocs, protected, destroyed, protected_upto in self.pools:
             addr = pool._metadata_address()
             assert any(s <= addr < e for s, e, _ in maps)
             chunks, areas = pool._metadata_tables()
@@ -219,12 +207,13 @@ class MetadataMachine(RuleBasedStateMachine):
             if not destroyed:
                 assert pool.stats().allocations == len(allocs)
                 assert (chunks != 0) == (pool.stats().areas > 0)
-                for a in allocs:  # protected tables and model agree on states
-                    assert a.state == (prmem.State.WRITABLE if not protected and
-                                       pool.mode != Mode.START_WR else a.state)
+                for k, a in enumerate(allocs):  # protected tables and model agree
+                    writable = k >= protected_upto and pool.mode != Mode.START_WR
+                    assert a.state == (prmem.State.WRITABLE if writable
+                                       else protected_state[pool.mode])
 
     def teardown(self):
-        for pool, allocs, _, destroyed in self.pools:
+        for pool, allocs, _, destroyed, _ in self.pools:
             allocs.clear()
             if not destroyed:
                 pool.destroy()

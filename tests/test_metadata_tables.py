@@ -8,11 +8,9 @@ a metadata file of its own freezes metadata instead of mapping it writable.
 """
 from __future__ import annotations
 
-import signal
-
 import pytest
 
-from conftest import run_child
+from conftest import assert_native_store_dies, run_child
 from test_metadata import STATES
 
 TABLE_STATES = {k: v for k, v in STATES.items() if k != "new"}
@@ -30,30 +28,10 @@ def assert_child_ok(code: str) -> None:
 def test_native_write_to_the_chunk_and_area_tables_dies(state, table):
     # destroy() frees the tables back to the metadata allocator: the page
     # stays read-only all the same
-    proc = run_child(
+    assert_native_store_dies(
         "pool = Pool(Mode.WR, name='meta-tab-%s')\n" % state
         + "a0 = pool.alloc(64)\nchunks, areas = pool._metadata_tables()\ndel a0\n"
-        + TABLE_STATES[state] + "\n"
-        "import ctypes\n"
-        "print('before', flush=True)\n"
-        "ctypes.memset(%s, 0x41, 8)\n" % table
-        + "print('survived', flush=True)\n"
-    )
-    assert "before" in proc.stdout, proc.stderr
-    assert "survived" not in proc.stdout
-    assert proc.returncode == -signal.SIGSEGV, proc.stderr
-
-
-POOL_FD = """
-def pool_fd(name):
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:prmem:" + name + " "):
-                return int(fd)
-        except OSError:
-            pass
-    raise SystemExit("no descriptor for " + name)
-"""
+        + TABLE_STATES[state], table)
 
 
 REPLACED_STEPS = ("protect", "rare_write_8", "rare_write_4096", "module_rare_write",
@@ -67,7 +45,7 @@ def test_a_replaced_descriptor_is_refused_and_never_written(step):
     # rare write, whatever its size, compare st_dev/st_ino with the ones
     # recorded at creation and refuse; the other file is unchanged, and once
     # the pool's file is back the same write is accepted.
-    proc = run_child(POOL_FD + """
+    proc = run_child("""
 import tempfile
 step = %r
 other = tempfile.NamedTemporaryFile()
@@ -78,7 +56,7 @@ a = pool.alloc(8192)
 fm = pool.freeze({"k": 1}) if step == "rare_set" else None
 if step != "protect":
     pool.protect()
-fd = pool_fd(name)
+fd, = pool_fds(name)
 saved = os.dup(fd)
 if step == "closed_and_reused":
     os.close(fd)  # a stray close; the next open() takes the lowest free number
@@ -126,14 +104,14 @@ print("OK")
 
 
 def test_destroy_neither_zeroes_nor_closes_a_replaced_descriptor():
-    proc = run_child(POOL_FD + """
+    proc = run_child("""
 import tempfile
 other = tempfile.TemporaryFile()
 other.write(b"O" * 65536); other.flush()
 pool = Pool(Mode.WR, name="meta-dup-destroy")
 a = pool.alloc(8192)
 a.write(b"A" * 8192)
-fd = pool_fd("meta-dup-destroy")
+fd, = pool_fds("meta-dup-destroy")
 os.dup2(other.fileno(), fd)
 del a
 pool.destroy()
@@ -385,7 +363,7 @@ def test_fork_never_touches_a_reused_pool_descriptor():
     # user file; fork(): the child must not chmod, read, map or close the
     # user's file; its pool keeps the data (a private snapshot) and refuses
     # changes; the parent refuses rare writes through the wrong file
-    assert_child_ok(POOL_FD + """
+    assert_child_ok("""
 import stat, tempfile
 user = tempfile.NamedTemporaryFile()
 user.write(b"VICTIM" * 100); user.flush()
@@ -394,7 +372,7 @@ pool = Pool(Mode.WR, name="fork-reused")
 a = pool.alloc(64)
 a.write(b"pooldata")
 pool.protect()
-fd = pool_fd("fork-reused")
+fd, = pool_fds("fork-reused")
 os.close(fd)
 assert os.open(user.name, os.O_RDWR) == fd
 pid = os.fork()

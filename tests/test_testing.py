@@ -101,7 +101,7 @@ def test_write_rare_array(prmem_protected):
 
 
 @enforced
-def test_seed_makes_probes_reproducible(prmem_pool):
+def test_seed_makes_probes_reproducible():
     # the same seed probes the same bytes: a failure can be replayed
     pool = prmem.Pool(name="replay-me")
     try:
