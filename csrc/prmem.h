@@ -214,9 +214,8 @@ prmem_chunk_is_shared(const prmem_chunk *ch)
  * descriptor).  statx() asks for the inode alone: fstat() also asks for the
  * change time, and where the kernel keeps multigrain timestamps (6.13+,
  * tmpfs and memfds among them) a queried change time makes the next write
- * take a fine-grained timestamp; measured here in C, fstat() + an 8-byte
- * pwrite() cost 400 ns against 320 ns with statx(STATX_INO), and a bare
- * pwrite() 190 ns.  A NULL path with AT_EMPTY_PATH (6.11+) skips copying ""
+ * take a fine-grained timestamp (the lifecycle floor table of
+ * docs/performance.md has both C loops, and a bare pwrite()).  A NULL path with AT_EMPTY_PATH (6.11+) skips copying ""
  * from user space; older kernels refuse it (EFAULT) and get "" from then
  * on.  Any other failure of statx() (ENOSYS, a seccomp filter's EPERM,
  * ENOMEM, no inode in the answer) falls back to fstat(), so only fstat()'s

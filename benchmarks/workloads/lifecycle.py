@@ -100,9 +100,10 @@ double pwrite_loop(int fd, int n)
 }
 
 /* The same, each pwrite() preceded by the identity check prmem makes before
- * every rare write: statx() of the descriptor for its inode alone (as
- * prmem; fstat() where statx() with a NULL path is refused) and a
- * comparison with the inode seen first. */
+ * every rare write: with want_statx, statx() of the descriptor for its
+ * inode alone (as prmem; fstat() where statx() with a NULL path is
+ * refused), else fstat(), which also reads the change time (why prmem does
+ * not use it); then a comparison with the inode seen first. */
 static int identity(int fd, int use_statx, unsigned long long *ino)
 {
 #ifdef SYS_statx
@@ -121,11 +122,11 @@ static int identity(int fd, int use_statx, unsigned long long *ino)
     return 0;
 }
 
-double statx_pwrite_loop(int fd, int n)
+double identity_pwrite_loop(int fd, int n, int want_statx)
 {
     static const char data[8] = "prmem!\x01\x02";
     unsigned long long first, ino;
-    int use_statx = identity(fd, 1, &first) == 0;
+    int use_statx = want_statx && identity(fd, 1, &first) == 0;
     if (!use_statx && identity(fd, 0, &first) < 0)
         return -1.0;
     struct timespec a, b;
@@ -956,11 +957,10 @@ def _compile_floor(ctx: RunContext,
         ctx.skip(NAME, "the C pwrite floor", f"{cc} failed: {proc.stderr.strip()[-400:]}")
         return None
     dll = ctypes.PyDLL(lib)
-    loops = (dll.pwrite_loop, dll.statx_pwrite_loop)
-    for fn in loops:
-        fn.restype = ctypes.c_double
-        fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    return loops
+    dll.pwrite_loop.restype = dll.identity_pwrite_loop.restype = ctypes.c_double
+    dll.pwrite_loop.argtypes = [ctypes.c_int, ctypes.c_int]
+    dll.identity_pwrite_loop.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return dll.pwrite_loop, dll.identity_pwrite_loop
 
 
 def _section_floor(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, Any]) -> None:
@@ -995,17 +995,23 @@ def _section_floor(ctx: RunContext, rows: List[Dict[str, Any]], info: Dict[str, 
                  "timed from Python"),
             ]
             if c_loops is not None:
-                c_pwrite, c_statx_pwrite = c_loops
+                c_pwrite, c_identity_pwrite = c_loops
                 timed[0:0] = [
                     ("c_pwrite", "C loop of pwrite() 8 B (no Python)", True,
                      lambda: c_pwrite(fd, CHUNK),
                      "pwrite(fd, data, 8, 0) in a C loop on a memfd, compiled at run time with "
                      "cc -O2"),
                     ("c_statx_pwrite", "C loop of statx() + pwrite() 8 B (no Python)", True,
-                     lambda: c_statx_pwrite(fd, CHUNK),
+                     lambda: c_identity_pwrite(fd, CHUNK, 1),
                      "the same with the descriptor identity check prmem makes before every "
                      "rare write (statx() for the inode, and a comparison): the floor of a "
                      "write that cannot land in another file"),
+                    ("c_fstat_pwrite", "C loop of fstat() + pwrite() 8 B (no Python)", True,
+                     lambda: c_identity_pwrite(fd, CHUNK, 0),
+                     "the same check with fstat(), which also reads the change time: on "
+                     "kernels with multigrain timestamps (6.13+, tmpfs and memfds among them) "
+                     "that makes the next write take a fine-grained one, which is why prmem "
+                     "asks statx() for the inode alone"),
                 ]
             samples: Dict[str, List[float]] = {t[0]: [] for t in timed}
             with gc_paused():
