@@ -460,6 +460,11 @@ if pid == 0:
             flags = int(f.read().split("flags:")[1].split()[0], 8)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             held_rw.append(entry)
+        try:  # and for real: a write through the descriptor it holds fails
+            os.pwrite(int(entry), b"Z", 0)
+            held_rw.append(entry)
+        except OSError:
+            pass
         try:
             os.close(os.open("/proc/self/fd/" + entry, os.O_RDWR))
             reopened.append(entry)

@@ -203,8 +203,13 @@ if pid == 0:
     ok = errs == ["frozen"] * 3 and bytes(a[:3]) == b"abc" and around == ["r--p"]
     if not ok:
         print(errs, flush=True)
-    os._exit(0 if ok else 3)
-assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os._exit(3)
+    # and for real: a native store to the frozen metadata dies
+    prmem.fault_report(False)
+    ctypes.memset(rec, 0x41, 8)
+    os._exit(4)
+status = os.waitpid(pid, 0)[1]
+assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
 for fd in held:
     os.close(fd)
 a.write(b"def")
